@@ -1,0 +1,46 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.alora-installed
+TORCH_VERSION ?= 2.13.0
+
+# Never reach a model or dataset hub: everything the demo and tests need is built locally.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: venv demo test lint format clean
+
+venv: $(STAMP)
+
+# torch goes in first and alone: an unpinned torch requested by any other package would pull
+# the CUDA build (several GB) onto a CPU box. A torch already in the venv (a user's CUDA build)
+# is kept. The installed version is then written to a constraints file so that no later
+# install can replace it.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -r requirements.txt
+	$(PY) -m pip install -c $(VENV)/torch-constraint.txt --no-deps -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m alora_ds.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

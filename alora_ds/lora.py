@@ -1,0 +1,194 @@
+"""The gated LoRA module (method.md section 1).
+
+    z = W x + s * B diag(g) A drop(x)
+
+W is the frozen base weight, A (r x d_in) and B (d_out x r) are LoRA's factors, g holds one gate
+per rank. Pruning a rank switches its gate off; a rebuild then removes it physically. The scale
+s = alpha / r_init is fixed for the life of the module, so adding or removing ranks never
+rescales the ranks that stay.
+
+This file is plain torch: nothing here knows about DeepSpeed or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# Names of the trainable adapter tensors, declared once and reused for freezing, saving and
+# rebuilding (peft does the same with `adapter_layer_names`).
+ADAPTER_PARAM_NAMES: tuple[str, ...] = ("lora_A", "lora_B")
+# The relaxed gate logits of the DNAS variant are trained separately from A and B (bi-level).
+GATE_PARAM_NAMES: tuple[str, ...] = ("gate_logits",)
+
+
+def kaiming_uniform_rows(
+    num_rows: int, in_features: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """LoRA's A init (Kaiming-uniform with a=sqrt(5), as nn.Linear and peft), drawn in fp32 on CPU.
+
+    Drawing on CPU in fp32 and casting afterwards makes the values independent of the device and
+    dtype the module lives on: every process of a distributed run draws the same numbers from
+    the same seed.
+    """
+    rows = torch.empty(num_rows, in_features, dtype=torch.float32)
+    if num_rows == 0:
+        return rows
+    # kaiming_uniform_ with a=sqrt(5): gain = sqrt(2 / (1 + a^2)) = sqrt(1/3), bound = gain *
+    # sqrt(3 / fan_in) = 1 / sqrt(fan_in).
+    bound = 1.0 / math.sqrt(in_features)
+    return rows.uniform_(-bound, bound, generator=generator)
+
+
+class GatedLoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a LoRA adapter whose ranks each carry a gate.
+
+    Args:
+        base_layer: the linear layer to adapt; it is frozen and kept as `base_layer`.
+        r: initial number of ranks (may be 0).
+        alpha: LoRA alpha; the scale is `alpha / r` unless `scale` is given.
+        dropout: dropout on the adapter's input (LoRA's `lora_dropout`).
+        scale: a fixed scale (used when loading an adapter whose scale is already known, or when
+            r = 0 and the scale must still be defined for ranks added later).
+        dtype: dtype of A, B and the gates; defaults to the base weight's dtype, which is what
+            DeepSpeed expects for parameters created after the model was built.
+        generator: source of A's initial values (a fixed seed gives the same A everywhere).
+        relaxed_gates: also create trainable gate logits a (init 0) and use g = mask * 2 sigmoid(a),
+            the DNAS variant's relaxation (g = 1 at init).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        *,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        relaxed_gates: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"GatedLoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if r < 0:
+            raise ValueError(f"rank r must be >= 0, got {r}")
+        if scale is None:
+            if r == 0:
+                raise ValueError("rank r = 0 needs an explicit scale (alpha / r is undefined)")
+            scale = alpha / r
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        # Sizes come from the layer's attributes, not from its weight: under ZeRO-3 the weight
+        # tensor of a partitioned layer is empty.
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.scale: float = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        weight_dtype = base_layer.weight.dtype
+        dtype = dtype or (weight_dtype if weight_dtype.is_floating_point else torch.float32)
+        device = base_layer.weight.device
+        a = kaiming_uniform_rows(r, self.in_features, generator)
+        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
+        # The hard gates are a buffer, not a parameter: scoring flips them on and off, and in a
+        # distributed run each process may hold different values (its own ablations).
+        self.register_buffer("lora_gate", torch.ones(r, device=device, dtype=dtype))
+        self.gate_logits: nn.Parameter | None = None
+        if relaxed_gates:
+            self.gate_logits = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
+
+    @property
+    def r(self) -> int:
+        """Number of ranks currently held (live ranks: pruned ones are removed physically)."""
+        return self.lora_gate.shape[0]
+
+    def gate_values(self) -> torch.Tensor:
+        """The effective gate g per rank: the hard mask, times 2 sigmoid(a) in the DNAS variant."""
+        if self.gate_logits is None:
+            return self.lora_gate
+        return self.lora_gate * 2.0 * torch.sigmoid(self.gate_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.r == 0:
+            return result
+        x = x.to(self.lora_A.dtype)
+        h = self.dropout(x) @ self.lora_A.t()  # (..., r)
+        h = h * self.gate_values()  # (..., r): diag(g)
+        delta = (h @ self.lora_B.t()) * self.scale  # (..., d_out)
+        return result + delta.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B diag(g) A as a (d_out, d_in) matrix (for merging and for tests)."""
+        return self.scale * (self.lora_B * self.gate_values()) @ self.lora_A
+
+    # ---- rank surgery --------------------------------------------------------------------
+    # Both methods replace the Parameter objects (shapes change), so an optimizer holding the old
+    # ones must be rebuilt by the caller; the values of the ranks that stay are copied exactly.
+
+    @torch.no_grad()
+    def remove_ranks(self, indices: Sequence[int]) -> None:
+        """Physically remove the given rank indices; the others keep their values bit-exactly."""
+        drop = set(int(i) for i in indices)
+        bad = sorted(i for i in drop if not 0 <= i < self.r)
+        if bad:
+            raise IndexError(f"rank indices {bad} out of range for a module with {self.r} ranks")
+        keep = torch.tensor(
+            [i for i in range(self.r) if i not in drop], dtype=torch.long, device=self.lora_A.device
+        )
+        self._set_ranks(
+            self.lora_A.index_select(0, keep),
+            self.lora_B.index_select(1, keep),
+            self.lora_gate.index_select(0, keep),
+            None if self.gate_logits is None else self.gate_logits.index_select(0, keep),
+        )
+
+    @torch.no_grad()
+    def append_ranks(self, k: int, generator: torch.Generator | None = None) -> None:
+        """Append k new ranks: A fresh (Kaiming-uniform from `generator`), B zero, gate on.
+
+        B = 0 means the function of the module does not change (paper footnote 3).
+        """
+        if k < 0:
+            raise ValueError(f"cannot append a negative number of ranks ({k})")
+        if k == 0:
+            return
+        device, dtype = self.lora_A.device, self.lora_A.dtype
+        new_a = kaiming_uniform_rows(k, self.in_features, generator).to(device=device, dtype=dtype)
+        new_b = torch.zeros(self.out_features, k, device=device, dtype=dtype)
+        self._set_ranks(
+            torch.cat([self.lora_A.data, new_a], dim=0),
+            torch.cat([self.lora_B.data, new_b], dim=1),
+            torch.cat([self.lora_gate, torch.ones(k, device=device, dtype=dtype)]),
+            None
+            if self.gate_logits is None
+            else torch.cat([self.gate_logits.data, torch.zeros(k, device=device, dtype=dtype)]),
+        )
+
+    def _set_ranks(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        gate: torch.Tensor,
+        gate_logits: torch.Tensor | None,
+    ) -> None:
+        a_grad, b_grad = self.lora_A.requires_grad, self.lora_B.requires_grad
+        self.lora_A = nn.Parameter(a.contiguous(), requires_grad=a_grad)
+        self.lora_B = nn.Parameter(b.contiguous(), requires_grad=b_grad)
+        self.lora_gate = gate.contiguous()
+        if gate_logits is not None and self.gate_logits is not None:
+            self.gate_logits = nn.Parameter(
+                gate_logits.contiguous(), requires_grad=self.gate_logits.requires_grad
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"scale={self.scale:g}, relaxed_gates={self.gate_logits is not None}"
+        )

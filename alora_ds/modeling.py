@@ -1,0 +1,75 @@
+"""Loading LLaMA-family models, and the tiny LLaMA used by the demo and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from alora_ds.errors import InputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' / 'bf16' / ... -> torch dtype; an unknown name is an InputError naming it."""
+    try:
+        return DTYPES[name]
+    except KeyError as exc:
+        raise InputError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})") from exc
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A LLaMA config small enough for CPU tests: hidden 64, 2 layers, 4 heads (2 KV heads)."""
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_random_llama(
+    config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32
+) -> LlamaForCausalLM:
+    """A randomly initialised LLaMA, identical for the same config and seed."""
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def load_causal_lm(
+    model_name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.nn.Module:
+    """A causal LM from a local directory (or a hub id when the hub can be reached)."""
+    local = Path(model_name_or_path)
+    if not local.exists() and (model_name_or_path.startswith((".", "/")) or local.suffix):
+        raise InputError(f"model directory {model_name_or_path} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name_or_path, dtype=dtype, attn_implementation="sdpa"
+        )
+    except OSError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load model {model_name_or_path!r}: {first_line}") from exc
+    return model.to(device).eval()
