@@ -25,7 +25,9 @@ def validate_example(row: object, where: str) -> Example:
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field in ("input_ids", "labels"):
         if field not in row:
-            raise InputError(f"{where}: missing field {field!r} (pre-tokenized rows need input_ids and labels)")
+            raise InputError(
+                f"{where}: missing field {field!r} (pre-tokenized rows need input_ids and labels)"
+            )
         values = row[field]
         if not isinstance(values, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in values

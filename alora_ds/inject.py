@@ -62,7 +62,9 @@ def find_target_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
         try:
             hits = {name for name in linears if _matches(name, target)}
         except re.error as exc:
-            raise InputError(f"target module pattern {target!r} is not a valid regex: {exc}") from exc
+            raise InputError(
+                f"target module pattern {target!r} is not a valid regex: {exc}"
+            ) from exc
         if not hits:
             sample = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linears})[:12])
             raise InputError(
@@ -228,3 +230,24 @@ def count_parameters(model: nn.Module) -> ParamCount:
         trainable=sum(_numel(p) for p in params if p.requires_grad),
         total=sum(_numel(p) for p in params),
     )
+
+
+def apply_plan(
+    modules: Mapping[str, GatedLoRALinear],
+    pruned: Mapping[str, Sequence[int]],
+    added: Mapping[str, int],
+    *,
+    seed: int,
+    round_index: int,
+) -> None:
+    """Rebuild the adapters after a round: remove the pruned ranks physically, then append the
+    new ones, drawn from `module_generator(seed, round_index, name)` so that every process draws
+    the same values. Single-process path; the optimizer must be rebuilt by the caller."""
+    unknown = sorted((set(pruned) | set(added)) - set(modules))
+    if unknown:
+        raise ValueError(f"the plan names modules that are not adapted: {unknown}")
+    for name, module in modules.items():
+        if pruned.get(name):
+            module.remove_ranks(pruned[name])
+        if added.get(name):
+            module.append_ranks(added[name], module_generator(seed, round_index, name))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from alora_ds.errors import InputError
 
@@ -58,18 +58,38 @@ def build_random_llama(
     return model.to(dtype).eval()
 
 
+def _check_model_path(model_name_or_path: str) -> None:
+    local = Path(model_name_or_path)
+    if not local.exists() and (model_name_or_path.startswith((".", "/")) or local.suffix):
+        raise InputError(f"model directory {model_name_or_path} does not exist")
+
+
+def _load_error(model_name_or_path: str, exc: Exception) -> InputError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(f"cannot load model {model_name_or_path!r}: {first_line}")
+
+
+def empty_causal_lm(model_name_or_path: str) -> torch.nn.Module:
+    """The model's architecture on the meta device (no memory, no weights): enough to check
+    module names and shapes before paying for a real load."""
+    _check_model_path(model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as exc:
+        raise _load_error(model_name_or_path, exc) from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_causal_lm(
     model_name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> torch.nn.Module:
     """A causal LM from a local directory (or a hub id when the hub can be reached)."""
-    local = Path(model_name_or_path)
-    if not local.exists() and (model_name_or_path.startswith((".", "/")) or local.suffix):
-        raise InputError(f"model directory {model_name_or_path} does not exist")
+    _check_model_path(model_name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_name_or_path, dtype=dtype, attn_implementation="sdpa"
         )
     except OSError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load model {model_name_or_path!r}: {first_line}") from exc
+        raise _load_error(model_name_or_path, exc) from exc
     return model.to(device).eval()

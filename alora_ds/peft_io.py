@@ -68,7 +68,9 @@ def _read_config(adapter_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise InputError(f"{config_path}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
-        raise InputError(f"{config_path}: peft_type is {config['peft_type']!r}, only LORA is supported")
+        raise InputError(
+            f"{config_path}: peft_type is {config['peft_type']!r}, only LORA is supported"
+        )
     unsupported = {
         "use_dora": bool(config.get("use_dora")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
@@ -135,16 +137,10 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftLoraAdapter:
     return PeftLoraAdapter(adapter_dir, config, lora_a, lora_b, scales)
 
 
-def load_peft_adapter(
-    model: nn.Module, adapter_dir: str | Path, *, seed: int = 0
-) -> dict[str, GatedLoRALinear]:
-    """Wrap a base model's modules with gated LoRA modules holding a PEFT adapter's weights.
-
-    The result computes what `PeftModel.from_pretrained(model, adapter_dir)` computes, with every
-    rank's gate on. Every module named in the adapter must exist in the model as an nn.Linear of
-    matching shape; the error names the first module that does not.
-    """
-    adapter = read_peft_adapter(adapter_dir)
+def check_adapter_fits(adapter: PeftLoraAdapter, model: nn.Module) -> None:
+    """Every module named in the adapter must exist in the model as an nn.Linear of matching
+    shape; the error names the first module that does not. Works on a model built on the meta
+    device, so a mismatch is found before any weight is loaded."""
     for name, a in adapter.lora_A.items():
         try:
             base = model.get_submodule(name)
@@ -154,7 +150,9 @@ def load_peft_adapter(
                 "(is the adapter for another model?)"
             ) from exc
         if not isinstance(base, nn.Linear):
-            raise InputError(f"{adapter.path}: adapter module {name} is not an nn.Linear in the base model")
+            raise InputError(
+                f"{adapter.path}: adapter module {name} is not an nn.Linear in the base model"
+            )
         b = adapter.lora_B[name]
         if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
             raise InputError(
@@ -162,6 +160,18 @@ def load_peft_adapter(
                 f"{base.in_features}) weight but the adapter is ({b.shape[0]} x {a.shape[1]}) "
                 "(is the adapter for another model?)"
             )
+
+
+def load_peft_adapter(
+    model: nn.Module, adapter_dir: str | Path, *, seed: int = 0
+) -> dict[str, GatedLoRALinear]:
+    """Wrap a base model's modules with gated LoRA modules holding a PEFT adapter's weights.
+
+    The result computes what `PeftModel.from_pretrained(model, adapter_dir)` computes, with every
+    rank's gate on.
+    """
+    adapter = read_peft_adapter(adapter_dir)
+    check_adapter_fits(adapter, model)
     modules = wrap_modules(model, adapter.ranks, adapter.scales, seed=seed)
     with torch.no_grad():
         for name, module in modules.items():

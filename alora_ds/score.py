@@ -19,8 +19,8 @@ import torch
 from alora_ds.data import load_tokenized_jsonl, make_batches
 from alora_ds.errors import InputError, run_cli
 from alora_ds.files import atomic_write_json
-from alora_ds.modeling import DTYPES, load_causal_lm, parse_dtype
-from alora_ds.peft_io import load_peft_adapter, read_peft_adapter
+from alora_ds.modeling import DTYPES, empty_causal_lm, load_causal_lm, parse_dtype
+from alora_ds.peft_io import check_adapter_fits, load_peft_adapter, read_peft_adapter
 from alora_ds.scoring import ab_lora_scores
 
 
@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", required=True, help="base model directory")
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
     parser.add_argument("--data", required=True, help="pre-tokenized JSON-lines validation file")
-    parser.add_argument("--num_examples", type=int, default=32, help="rows of --data to score on (B_val)")
+    parser.add_argument(
+        "--num_examples", type=int, default=32, help="rows of --data to score on (B_val)"
+    )
     parser.add_argument("--output", required=True, help="scores JSON file to write")
     parser.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
@@ -44,20 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Check the cheap inputs before loading a model that may take minutes.
-    read_peft_adapter(args.adapter)
+    # Check every input against the architecture (built on the meta device, no weights) before
+    # loading a model that may take minutes.
+    adapter = read_peft_adapter(args.adapter)
     examples = load_tokenized_jsonl(args.data, args.num_examples)
     if args.batch_size <= 0:
         raise InputError(f"--batch_size must be positive, got {args.batch_size}")
-
-    model = load_causal_lm(args.model_name_or_path, parse_dtype(args.dtype), args.device)
-    vocab = model.get_input_embeddings().num_embeddings
+    skeleton = empty_causal_lm(args.model_name_or_path)
+    check_adapter_fits(adapter, skeleton)
+    vocab = skeleton.get_input_embeddings().num_embeddings
     for i, example in enumerate(examples):
         if max(example["input_ids"]) >= vocab:
             raise InputError(
                 f"{args.data} row {i + 1}: token id {max(example['input_ids'])} is outside the "
                 f"model's vocabulary of {vocab}"
             )
+    del skeleton
+
+    model = load_causal_lm(args.model_name_or_path, parse_dtype(args.dtype), args.device)
     modules = load_peft_adapter(model, args.adapter)
     batches = make_batches(examples, args.batch_size, device=args.device)
 

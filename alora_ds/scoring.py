@@ -93,7 +93,10 @@ def supervised_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[flo
     logits = logits[:, :-1].float()  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
     loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
     )
     return float(loss), int((targets != -100).sum())
 

@@ -74,8 +74,11 @@ def test_rank_never_negative_and_empty_modules_receive_nothing():
 
 def test_same_plan_whatever_the_order_of_modules():
     rng = random.Random(0)
-    scores = {f"model.layers.{i}.{m}": [rng.choice([0.0, 0.5, 1.0]) for _ in range(4)]
-              for i in range(4) for m in ("q_proj", "v_proj", "down_proj")}
+    scores = {
+        f"model.layers.{i}.{m}": [rng.choice([0.0, 0.5, 1.0]) for _ in range(4)]
+        for i in range(4)
+        for m in ("q_proj", "v_proj", "down_proj")
+    }
     reference = plan_round(scores, 7)
     for _ in range(5):
         items = list(scores.items())

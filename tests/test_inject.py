@@ -30,9 +30,7 @@ def test_wrapped_model_equals_base_at_init(tiny_model):
 def test_trainable_set_is_exactly_the_adapters(tiny_model):
     inject_gated_lora(tiny_model, rank_budget=14)
     trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
-    expected = {
-        f"{name}.{leaf}" for name in rank_map(tiny_model) for leaf in ("lora_A", "lora_B")
-    }
+    expected = {f"{name}.{leaf}" for name in rank_map(tiny_model) for leaf in ("lora_A", "lora_B")}
     assert trainable == expected
     counts = count_parameters(tiny_model)
     # r = 1 on 14 modules: sum of (d_in + d_out) per module.
@@ -63,9 +61,13 @@ def test_targets_by_suffix_and_regex(tiny_model):
 
 
 def test_validation_messages(tiny_model):
-    with pytest.raises(InputError, match="rank_budget 30 does not divide evenly over 14 .* e.g. 28 or 42"):
+    with pytest.raises(
+        InputError, match="rank_budget 30 does not divide evenly over 14 .* e.g. 28 or 42"
+    ):
         inject_gated_lora(tiny_model, 30)
-    with pytest.raises(InputError, match="rank_budget 7 is smaller than the number of adapted modules \\(14\\)"):
+    with pytest.raises(
+        InputError, match="rank_budget 7 is smaller than the number of adapted modules \\(14\\)"
+    ):
         inject_gated_lora(tiny_model, 7)
     with pytest.raises(InputError, match="target module 'qproj' matches no nn.Linear"):
         inject_gated_lora(tiny_model, 14, target_modules=["q_proj", "qproj"])
