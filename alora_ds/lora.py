@@ -93,15 +93,22 @@ class GatedLoRALinear(nn.Module):
         weight_dtype = base_layer.weight.dtype
         dtype = dtype or (weight_dtype if weight_dtype.is_floating_point else torch.float32)
         device = base_layer.weight.device
-        a = kaiming_uniform_rows(r, self.in_features, generator)
-        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
+        self.adapter_dtype: torch.dtype = dtype
+        self.lora_A: nn.Parameter | None  # (r, d_in); None when r = 0
+        self.lora_B: nn.Parameter | None  # (d_out, r); None when r = 0
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
         # The hard gates are a buffer, not a parameter: scoring flips them on and off, and in a
         # distributed run each process may hold different values (its own ablations).
         self.register_buffer("lora_gate", torch.ones(r, device=device, dtype=dtype))
         self.gate_logits: nn.Parameter | None = None
         if relaxed_gates:
             self.gate_logits = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
+        self.set_adapter_tensors(
+            kaiming_uniform_rows(r, self.in_features, generator).to(device=device, dtype=dtype),
+            torch.zeros(self.out_features, r, device=device, dtype=dtype),
+            self.lora_gate,
+        )
 
     @property
     def r(self) -> int:
@@ -114,9 +121,17 @@ class GatedLoRALinear(nn.Module):
             return self.lora_gate
         return self.lora_gate * 2.0 * torch.sigmoid(self.gate_logits)
 
+    def adapter_tensor(self, name: str) -> torch.Tensor:
+        """lora_A or lora_B, as an empty (0, d_in) / (d_out, 0) tensor when the module has no rank."""
+        param = getattr(self, name)
+        if param is not None:
+            return param
+        shape = (0, self.in_features) if name == "lora_A" else (self.out_features, 0)
+        return torch.zeros(shape, dtype=self.adapter_dtype, device=self.lora_gate.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.r == 0:
+        if self.lora_A is None:
             return result
         x = x.to(self.lora_A.dtype)
         h = self.dropout(x) @ self.lora_A.t()  # (..., r)
@@ -126,7 +141,8 @@ class GatedLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """s * B diag(g) A as a (d_out, d_in) matrix (for merging and for tests)."""
-        return self.scale * (self.lora_B * self.gate_values()) @ self.lora_A
+        a, b = self.adapter_tensor("lora_A"), self.adapter_tensor("lora_B")
+        return self.scale * (b * self.gate_values()) @ a
 
     # ---- rank surgery --------------------------------------------------------------------
     # Both methods replace the Parameter objects (shapes change), so an optimizer holding the old
@@ -140,11 +156,11 @@ class GatedLoRALinear(nn.Module):
         if bad:
             raise IndexError(f"rank indices {bad} out of range for a module with {self.r} ranks")
         keep = torch.tensor(
-            [i for i in range(self.r) if i not in drop], dtype=torch.long, device=self.lora_A.device
+            [i for i in range(self.r) if i not in drop], dtype=torch.long, device=self.lora_gate.device
         )
-        self._set_ranks(
-            self.lora_A.index_select(0, keep),
-            self.lora_B.index_select(1, keep),
+        self.set_adapter_tensors(
+            self.adapter_tensor("lora_A").index_select(0, keep),
+            self.adapter_tensor("lora_B").index_select(1, keep),
             self.lora_gate.index_select(0, keep),
             None if self.gate_logits is None else self.gate_logits.index_select(0, keep),
         )
@@ -159,30 +175,47 @@ class GatedLoRALinear(nn.Module):
             raise ValueError(f"cannot append a negative number of ranks ({k})")
         if k == 0:
             return
-        device, dtype = self.lora_A.device, self.lora_A.dtype
+        device, dtype = self.lora_gate.device, self.adapter_dtype
         new_a = kaiming_uniform_rows(k, self.in_features, generator).to(device=device, dtype=dtype)
         new_b = torch.zeros(self.out_features, k, device=device, dtype=dtype)
-        self._set_ranks(
-            torch.cat([self.lora_A.data, new_a], dim=0),
-            torch.cat([self.lora_B.data, new_b], dim=1),
+        self.set_adapter_tensors(
+            torch.cat([self.adapter_tensor("lora_A").detach(), new_a], dim=0),
+            torch.cat([self.adapter_tensor("lora_B").detach(), new_b], dim=1),
             torch.cat([self.lora_gate, torch.ones(k, device=device, dtype=dtype)]),
             None
             if self.gate_logits is None
             else torch.cat([self.gate_logits.data, torch.zeros(k, device=device, dtype=dtype)]),
         )
 
-    def _set_ranks(
+    def set_adapter_tensors(
         self,
         a: torch.Tensor,
         b: torch.Tensor,
         gate: torch.Tensor,
-        gate_logits: torch.Tensor | None,
+        gate_logits: torch.Tensor | None = None,
     ) -> None:
-        a_grad, b_grad = self.lora_A.requires_grad, self.lora_B.requires_grad
-        self.lora_A = nn.Parameter(a.contiguous(), requires_grad=a_grad)
-        self.lora_B = nn.Parameter(b.contiguous(), requires_grad=b_grad)
+        """Replace A (r, d_in), B (d_out, r) and the gates (r,) with new tensors of any rank r.
+
+        New Parameter objects (a rebuild after a round): the caller rebuilds the optimizer.
+        """
+        r = gate.shape[0]
+        if a.shape != (r, self.in_features) or b.shape != (self.out_features, r):
+            raise ValueError(
+                f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit r={r}, "
+                f"d_in={self.in_features}, d_out={self.out_features}"
+            )
+        # A module with no rank holds no parameter at all: ZeRO-3 cannot gather an empty one.
+        trainable = self.lora_A.requires_grad if self.lora_A is not None else True
+        if r == 0:
+            self.lora_A = None
+            self.lora_B = None
+        else:
+            self.lora_A = nn.Parameter(a.contiguous(), requires_grad=trainable)
+            self.lora_B = nn.Parameter(b.contiguous(), requires_grad=trainable)
         self.lora_gate = gate.contiguous()
-        if gate_logits is not None and self.gate_logits is not None:
+        if self.gate_logits is not None:
+            if gate_logits is None:  # new ranks' relaxed gates start at a = 0 (g = 1)
+                gate_logits = torch.zeros_like(gate)
             self.gate_logits = nn.Parameter(
                 gate_logits.contiguous(), requires_grad=self.gate_logits.requires_grad
             )
