@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo demo-core test lint format clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,13 @@ $(STAMP): requirements.txt pyproject.toml
 	bash scripts/install_wordnet.sh "$(VENV)/nltk_data" || echo "warning: WordNet not installed (needs root for apt-get); METEOR will be reported as unavailable"
 	@touch $(STAMP)
 
+# The real thing: 2 processes under ZeRO-3 on the embedded tiny LLaMA and the SST-2 samples.
 demo: $(STAMP)
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero3.json \
+		--config configs/demo.yaml --output_dir runs/demo --overwrite_output_dir
+
+# The ALoRA core alone, in one process (no DeepSpeed): scores and one allocation round.
+demo-core: $(STAMP)
 	$(PY) -m alora_ds.demo
 
 test: $(STAMP)

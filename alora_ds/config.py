@@ -183,7 +183,9 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
     while i < len(items):
         token = items[i]
         if not token.startswith("--"):
-            raise InputError(f"command line: unexpected argument {token!r} (options are --key value)")
+            raise InputError(
+                f"command line: unexpected argument {token!r} (options are --key value)"
+            )
         key, eq, value = token[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
@@ -209,7 +211,9 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise InputError(f"config file {config_file} is not valid YAML ({exc.__class__.__name__})") from exc
+            raise InputError(
+                f"config file {config_file} is not valid YAML ({exc.__class__.__name__})"
+            ) from exc
         if not isinstance(loaded, dict):
             raise InputError(f"config file {config_file}: expected a mapping of option: value")
         for key, value in loaded.items():
@@ -240,29 +244,50 @@ def validate(config: TrainConfig) -> None:
         f"--attn_implementation {config.attn_implementation!r} is not auto, sdpa, eager or "
         "flash_attention_2",
     )
-    need(config.rank_budget is None or config.rank_budget > 0,
-         f"--rank_budget must be positive, got {config.rank_budget}")
+    need(
+        config.rank_budget is None or config.rank_budget > 0,
+        f"--rank_budget must be positive, got {config.rank_budget}",
+    )
     need(config.lora_alpha > 0, f"--lora_alpha must be positive, got {config.lora_alpha}")
-    need(0 <= config.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {config.lora_dropout}")
-    need(config.max_seq_length >= 8, f"--max_seq_length must be at least 8, got {config.max_seq_length}")
+    need(
+        0 <= config.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {config.lora_dropout}"
+    )
+    need(
+        config.max_seq_length >= 8,
+        f"--max_seq_length must be at least 8, got {config.max_seq_length}",
+    )
     need(config.num_rounds >= 0, f"--num_rounds must be >= 0, got {config.num_rounds}")
-    need(config.prune_per_round >= 0, f"--prune_per_round must be >= 0, got {config.prune_per_round}")
+    need(
+        config.prune_per_round >= 0, f"--prune_per_round must be >= 0, got {config.prune_per_round}"
+    )
     need(config.val_examples > 0, f"--val_examples must be positive, got {config.val_examples}")
-    need(config.initial_epochs >= 0 and config.round_epochs >= 0,
-         "--initial_epochs and --round_epochs must be >= 0")
+    need(
+        config.initial_epochs >= 0 and config.round_epochs >= 0,
+        "--initial_epochs and --round_epochs must be >= 0",
+    )
     need(config.learning_rate > 0, f"--learning_rate must be positive, got {config.learning_rate}")
-    need(0 <= config.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
-    need(config.num_train_epochs > 0 or config.max_steps > 0,
-         "--num_train_epochs or --max_steps must be positive")
-    need(config.per_device_train_batch_size > 0,
-         f"--per_device_train_batch_size must be positive, got {config.per_device_train_batch_size}")
-    need(config.gradient_accumulation_steps > 0,
-         f"--gradient_accumulation_steps must be positive, got {config.gradient_accumulation_steps}")
+    need(
+        0 <= config.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), got {config.warmup_ratio}"
+    )
+    need(
+        config.num_train_epochs > 0 or config.max_steps > 0,
+        "--num_train_epochs or --max_steps must be positive",
+    )
+    need(
+        config.per_device_train_batch_size > 0,
+        f"--per_device_train_batch_size must be positive, got {config.per_device_train_batch_size}",
+    )
+    need(
+        config.gradient_accumulation_steps > 0,
+        f"--gradient_accumulation_steps must be positive, got {config.gradient_accumulation_steps}",
+    )
     need(config.eval_steps > 0, f"--eval_steps must be positive, got {config.eval_steps}")
     need(config.patience > 0, f"--patience must be positive, got {config.patience}")
     need(config.logging_steps > 0, f"--logging_steps must be positive, got {config.logging_steps}")
-    need(config.scoring_batch_size > 0,
-         f"--scoring_batch_size must be positive, got {config.scoring_batch_size}")
+    need(
+        config.scoring_batch_size > 0,
+        f"--scoring_batch_size must be positive, got {config.scoring_batch_size}",
+    )
     need(config.dist_timeout > 0, f"--dist_timeout must be positive, got {config.dist_timeout}")
 
 
@@ -281,12 +306,16 @@ def load_ds_config(path: str) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise InputError(f"ds config {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+        raise InputError(
+            f"ds config {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from exc
     if not isinstance(data, dict):
         raise InputError(f"ds config {path}: expected a JSON object")
     stage = data.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise InputError(f"ds config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        raise InputError(
+            f"ds config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}"
+        )
     if data.get("bf16", {}).get("enabled") and data.get("fp16", {}).get("enabled") is True:
         raise InputError(f"ds config {path}: bf16 and fp16 cannot both be enabled")
     if "optimizer" in data or "scheduler" in data:
@@ -316,7 +345,7 @@ def resolve_batch_sizes(
             raise InputError(
                 f"ds config {ds_path}: {key} = {given!r} but the run has {key} = {value} "
                 f"(micro batch {micro} x accumulation {accumulation} x {world_size} processes = "
-                f"{micro * accumulation * world_size}); set it to \"auto\" or make them agree"
+                f'{micro * accumulation * world_size}); set it to "auto" or make them agree'
             )
         resolved[key] = value
     return resolved

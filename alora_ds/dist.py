@@ -329,7 +329,9 @@ def read_adapter_states(
                     key: state[key].float().cpu().clone() if key in state else torch.zeros(shape)
                     for key in ADAM_STATE_KEYS
                 }
-        states[name] = AdapterState(values, moments, module.lora_gate.detach().float().cpu().clone())
+        states[name] = AdapterState(
+            values, moments, module.lora_gate.detach().float().cpu().clone()
+        )
     return states
 
 
@@ -505,9 +507,7 @@ def rebuild_engine(
 
 
 @torch.no_grad()
-def distributed_loss(
-    model: nn.Module, batches: Sequence[Batch], info: DistInfo
-) -> float:
+def distributed_loss(model: nn.Module, batches: Sequence[Batch], info: DistInfo) -> float:
     """Mean supervised cross-entropy over batches that are already split across processes.
 
     Every process must pass the same number of batches (pad with batches whose labels are all
@@ -526,3 +526,34 @@ def distributed_loss(
             count += tokens
     total, count = all_reduce_sum([total, count], info.device)
     return total / max(count, 1.0)
+
+
+# ---- writing what was trained -----------------------------------------------------------------
+
+
+def gathered_adapter_tensors(model: nn.Module) -> dict[str, Any]:
+    """Full (un-partitioned) adapter tensors of every gated module, on every process.
+
+    Under ZeRO-3 every shard is gathered first (collective), so an export can never come out
+    empty; elsewhere this just copies.
+    """
+    from alora_ds.export import adapter_tensors_from_model
+
+    with gathered(adapter_params(gated_modules(model))):
+        return adapter_tensors_from_model(model)
+
+
+def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """The model's full state dict on the main process (empty elsewhere), gathering one ZeRO-3
+    parameter at a time so no process holds more than one whole tensor beyond its shard."""
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        with gathered([param]):
+            if info.is_main:
+                state[name] = param.detach().cpu().clone()
+    if info.is_main:
+        for name, buffer in model.named_buffers():
+            if name.endswith("inv_freq"):  # rotary caches are rebuilt from the config
+                continue
+            state[name] = buffer.detach().cpu().clone()
+    return state

@@ -156,7 +156,9 @@ class GatedLoRALinear(nn.Module):
         if bad:
             raise IndexError(f"rank indices {bad} out of range for a module with {self.r} ranks")
         keep = torch.tensor(
-            [i for i in range(self.r) if i not in drop], dtype=torch.long, device=self.lora_gate.device
+            [i for i in range(self.r) if i not in drop],
+            dtype=torch.long,
+            device=self.lora_gate.device,
         )
         self.set_adapter_tensors(
             self.adapter_tensor("lora_A").index_select(0, keep),

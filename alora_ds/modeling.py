@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+)
 
 from alora_ds.errors import InputError
 
@@ -93,3 +101,70 @@ def load_causal_lm(
     except OSError as exc:
         raise _load_error(model_name_or_path, exc) from exc
     return model.to(device).eval()
+
+
+TINY_LLAMA_CONFIG = Path(__file__).resolve().parent / "assets" / "tiny-llama.json"
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """auto: flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def read_model_config(path: str | Path) -> PretrainedConfig:
+    """A model config from a config.json file (or a directory holding one)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"model config {path} does not exist")
+    try:
+        data = json.loads(file.read_text())
+        return AutoConfig.for_model(**data)
+    except (json.JSONDecodeError, ValueError, KeyError) as exc:
+        raise InputError(f"model config {file} is not a valid config ({exc})") from exc
+
+
+def empty_from_config(path: str | Path) -> torch.nn.Module:
+    """The architecture of a config file on the meta device (no memory, no weights)."""
+    config = read_model_config(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_base_model(
+    model_name_or_path: str | None,
+    model_config: str | None,
+    *,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    seed: int,
+    loading_context: contextlib.AbstractContextManager,
+) -> tuple[torch.nn.Module, bool]:
+    """The base model, and whether it was randomly initialised.
+
+    `loading_context` is entered around the load; under ZeRO-3 it partitions the weights as
+    they are created (see alora_ds.dist.partitioned_loading).
+    """
+    with loading_context:
+        if model_name_or_path is not None:
+            _check_model_path(model_name_or_path)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_name_or_path, dtype=dtype, attn_implementation=attn_implementation
+                )
+            except OSError as exc:
+                raise _load_error(model_name_or_path, exc) from exc
+            return model, False
+        config = read_model_config(model_config or TINY_LLAMA_CONFIG)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=attn_implementation
+            )
+        return model, True

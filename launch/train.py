@@ -1,0 +1,459 @@
+"""Train a LLaMA-family model with ALoRA under DeepSpeed.
+
+    deepspeed --num_gpus N launch/train.py --ds_config ds_configs/zero3.json \\
+        [--config configs/X.yaml] [--key value ...]
+
+Read top to bottom: check every input, load the data and the (partitioned) model, wrap the
+target modules with gated LoRA, then one loop:
+
+    batch -> forward -> backward -> step -> (round boundary? score, plan, rebuild) -> log
+
+After the last round training continues with the dev loss evaluated every eval_steps, early
+stopping after `patience` evaluations without improvement, and the best adapter kept.
+`--method lora` runs the same loop with no rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+# Runnable as `python launch/train.py` and `deepspeed launch/train.py` from anywhere.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# DeepSpeed picks its accelerator at import; name it on a CPU box to skip the probing warning.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from alora_ds import dist as D  # noqa: E402
+from alora_ds.allocation import plan_round, pruned_by_module, resolve_prune_count  # noqa: E402
+from alora_ds.config import (  # noqa: E402
+    TrainConfig,
+    load_ds_config,
+    parse_args,
+    resolve_batch_sizes,
+    to_json,
+)
+from alora_ds.data import IGNORE_INDEX, collate  # noqa: E402
+from alora_ds.datasets import build_split, check_task  # noqa: E402
+from alora_ds.errors import InputError, run_cli  # noqa: E402
+from alora_ds.export import write_peft_adapter  # noqa: E402
+from alora_ds.files import atomic_write_json  # noqa: E402
+from alora_ds.inject import (  # noqa: E402
+    count_parameters,
+    find_target_modules,
+    initial_rank,
+    inject_gated_lora,
+    rank_map,
+)
+from alora_ds.modeling import (  # noqa: E402
+    TINY_LLAMA_CONFIG,
+    empty_causal_lm,
+    empty_from_config,
+    load_base_model,
+    resolve_attn_implementation,
+)
+from alora_ds.schedule import (  # noqa: E402
+    draw_validation_indices,
+    make_schedule,
+    micro_batch_indices,
+)
+from alora_ds.tasks import build_tiny_tokenizer  # noqa: E402
+
+RUN_MARKER = "config.json"
+# Fault injection for the tests: this process corrupts its rebuilt adapters after round 1.
+CORRUPT_ENV = "ALORA_DS_TEST_CORRUPT_RANK"
+
+
+def log(info: D.DistInfo | None, message: str) -> None:
+    if info is None or info.is_main:
+        print(message, flush=True)
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to write into a directory that holds another run, unless told to overwrite."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"output_dir {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise InputError(
+            f"output_dir {output_dir} already holds another run; pass --overwrite_output_dir "
+            "to replace it or choose another directory"
+        )
+
+
+def load_tokenizer(cfg: TrainConfig):
+    source = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    if source is None:
+        return build_tiny_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load tokenizer {source!r}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # LLaMA ships without a pad token
+    return tokenizer
+
+
+def shard_batches(examples, batch_size: int, info: D.DistInfo, pad_id: int, device) -> list:
+    """This process's share of `examples` as micro-batches; every process gets the same number
+    (ZeRO-3 forwards are collective), padded with batches that supervise nothing."""
+    mine = examples[info.rank :: info.world_size]
+    per_process = -(-len(examples) // info.world_size)
+    count = -(-per_process // batch_size)
+    filler = {"input_ids": [pad_id, pad_id], "labels": [IGNORE_INDEX, IGNORE_INDEX]}
+    batches = []
+    for i in range(count):
+        chunk = mine[i * batch_size : (i + 1) * batch_size] or [filler]
+        batches.append({k: v.to(device) for k, v in collate(chunk, pad_id).items()})
+    return batches
+
+
+def module_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+
+    # ---- every input is checked before anything is started or written ------------------
+    output_dir = Path(cfg.output_dir)
+    check_output_dir(output_dir, cfg.overwrite_output_dir)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = resolve_batch_sizes(load_ds_config(cfg.ds_config), cfg, world_size, cfg.ds_config)
+    dtype = D.model_dtype(ds_config)
+    check_task(cfg.task)
+    tokenizer = load_tokenizer(cfg)
+    train_examples, train_stats = build_split(
+        cfg.task, cfg.train_file, "train", tokenizer, cfg.max_seq_length, cfg.dataset_name
+    )
+    dev_examples, dev_stats = build_split(
+        cfg.task, cfg.validation_file, "validation", tokenizer, cfg.max_seq_length, cfg.dataset_name
+    )
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    rounds = cfg.num_rounds if cfg.method == "alora" else 0
+    schedule = make_schedule(
+        len(train_examples),
+        global_batch,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        num_rounds=rounds,
+        initial_epochs=cfg.initial_epochs,
+        round_epochs=cfg.round_epochs,
+        initial_steps=cfg.initial_steps,
+        round_steps=cfg.round_steps,
+    )
+    # The architecture on the meta device: target modules and budget checked before loading.
+    skeleton = (
+        empty_causal_lm(cfg.model_name_or_path)
+        if cfg.model_name_or_path
+        else empty_from_config(cfg.model_config or TINY_LLAMA_CONFIG)
+    )
+    num_modules = len(find_target_modules(skeleton, cfg.target_modules))
+    rank_budget = cfg.rank_budget or 8 * num_modules
+    r_init = initial_rank(rank_budget, num_modules)
+    vocab = skeleton.get_input_embeddings().num_embeddings
+    del skeleton
+    if len(tokenizer) > vocab:
+        raise InputError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}"
+        )
+    val_examples = min(cfg.val_examples, len(dev_examples))
+
+    # ---- processes, data and model ----------------------------------------------------------
+    info = D.init_distributed(cfg.dist_timeout)
+    if info.world_size != world_size:
+        raise InputError(f"WORLD_SIZE is {world_size} but the process group has {info.world_size}")
+    torch.manual_seed(cfg.seed)
+    log(
+        info,
+        f"alora-ds: {cfg.method} on {cfg.task}, {info.world_size} process(es), "
+        f"ZeRO stage {D.zero_stage(ds_config)}, {str(dtype).removeprefix('torch.')}, "
+        f"backend {info.backend}",
+    )
+    log(
+        info,
+        f"batch: micro {cfg.per_device_train_batch_size} x accumulation "
+        f"{cfg.gradient_accumulation_steps} x {info.world_size} processes = {global_batch} "
+        f"examples per optimizer step",
+    )
+    log(info, f"data: train {train_stats.describe()}; dev {dev_stats.describe()}")
+    if val_examples < cfg.val_examples and rounds:
+        log(
+            info,
+            f"warning: the dev split has {len(dev_examples)} examples, fewer than "
+            f"|B_val| = {cfg.val_examples}; scoring uses all {val_examples}",
+        )
+    log(
+        info,
+        f"schedule: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} "
+        f"steps, warm-up {schedule.warmup_steps}, rounds after steps {list(schedule.round_after)}",
+    )
+
+    if info.is_main:
+        if output_dir.exists() and cfg.overwrite_output_dir:
+            shutil.rmtree(output_dir)
+        (output_dir / "allocation").mkdir(parents=True)
+        atomic_write_json(
+            output_dir / RUN_MARKER,
+            {
+                **to_json(cfg),
+                "resolved": {
+                    "world_size": info.world_size,
+                    "rank_budget": rank_budget,
+                    "r_init": r_init,
+                    "n_prune": cfg.prune_per_round,
+                    "global_batch": global_batch,
+                    "total_steps": schedule.total_steps,
+                    "round_after": list(schedule.round_after),
+                    "zero_stage": D.zero_stage(ds_config),
+                    "dtype": str(dtype),
+                    "val_examples": val_examples,
+                },
+            },
+        )
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    model, random_init = load_base_model(
+        cfg.model_name_or_path,
+        cfg.model_config,
+        dtype=dtype,
+        attn_implementation=attn,
+        seed=cfg.seed,
+        loading_context=D.partitioned_loading(ds_config),
+    )
+    model.config.use_cache = False
+    base_name = cfg.model_name_or_path
+    if random_init:  # saved once, so every adapter can be loaded by peft on its own
+        base_dir = output_dir / "base_model"
+        state = D.full_state_dict(model, info)
+        if info.is_main:
+            model.save_pretrained(base_dir, state_dict=state)
+            tokenizer.save_pretrained(base_dir)
+        base_name = str(base_dir.resolve())
+        del state
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    modules = inject_gated_lora(
+        model,
+        rank_budget,
+        target_modules=cfg.target_modules,
+        lora_alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        seed=cfg.seed,
+        dtype=dtype,
+    )
+    model.to(info.device)
+    log(
+        info,
+        f"adapters: {len(modules)} modules, r_init = {r_init}, budget {rank_budget} ranks; "
+        f"{count_parameters(model)}",
+    )
+    settings = D.OptimizerSettings(
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    engine = D.create_engine(model, ds_config, settings)
+    pad_id = tokenizer.pad_token_id
+    dev_batches = shard_batches(
+        dev_examples, cfg.per_device_train_batch_size, info, pad_id, info.device
+    )
+
+    def export(directory: Path, history: list[dict]) -> None:
+        tensors = D.gathered_adapter_tensors(model)
+        if info.is_main:
+            write_peft_adapter(
+                tensors,
+                directory,
+                base_model_name_or_path=base_name,
+                metadata={
+                    "rank_map": rank_map(model),
+                    "rounds": history,
+                    "lora_alpha": cfg.lora_alpha,
+                    "r_init": r_init,
+                },
+            )
+        D.barrier()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    history: list[dict] = []  # per round: ranks and scores (the adapter metadata)
+    best_loss, evals_without_gain, round_index = float("inf"), 0, 0
+    corrupt_rank = int(os.environ.get(CORRUPT_ENV, "-1"))
+    tokens_seen, window_start = 0.0, time.perf_counter()
+    metrics_file = output_dir / "metrics.jsonl"
+    for step in range(schedule.total_steps):
+        model.train()
+        D.set_learning_rate(engine, schedule.lr_at(step, cfg.learning_rate))
+        for indices in micro_batch_indices(
+            len(train_examples),
+            seed=cfg.seed,
+            step=step,
+            steps_per_epoch=schedule.steps_per_epoch,
+            micro_batch=cfg.per_device_train_batch_size,
+            accumulation=cfg.gradient_accumulation_steps,
+            world_size=info.world_size,
+            rank=info.rank,
+        ):
+            batch = {
+                k: v.to(info.device)
+                for k, v in collate([train_examples[i] for i in indices], pad_id).items()
+            }
+            loss = engine(**batch).loss  # mean over this micro-batch's supervised tokens
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            tokens_seen += float(batch["attention_mask"].sum())
+        done = step + 1
+        record: dict = {}
+
+        if round_index < len(schedule.round_after) and done == schedule.round_after[round_index]:
+            round_index += 1
+            start = time.perf_counter()
+            val_ids = draw_validation_indices(
+                len(dev_examples), val_examples, seed=cfg.seed, round_index=round_index
+            )
+            val_batches = [
+                {
+                    k: v.to(info.device)
+                    for k, v in collate(
+                        [dev_examples[i] for i in val_ids[j : j + cfg.scoring_batch_size]], pad_id
+                    ).items()
+                }
+                for j in range(0, len(val_ids), cfg.scoring_batch_size)
+            ]
+            scores = D.distributed_ab_lora_scores(model, val_batches, info)
+            importance = scores.importance
+            live = sum(len(v) for v in importance.values())
+            n_prune = resolve_prune_count(cfg.prune_per_round, live)
+            plan = plan_round(importance, n_prune)
+            round_file = {
+                "round": round_index,
+                "ranks_before": plan.ranks_before,
+                "scores": importance,
+                "S_M": scores.S_M,
+                "pruned": [list(p) for p in plan.pruned],
+                "added": plan.added,
+                "ranks_after": plan.ranks_after,
+            }
+            scored_s = time.perf_counter() - start
+            engine = D.rebuild_engine(
+                engine,
+                model,
+                ds_config,
+                settings,
+                info,
+                plan.to_json(),
+                pruned_by_module(plan),
+                plan.added,
+                seed=cfg.seed,
+                round_index=round_index,
+                corrupt=(round_index == 1 and info.rank == corrupt_rank),
+            )
+            assert rank_map(model) == plan.ranks_after
+            assert sum(plan.ranks_after.values()) <= rank_budget
+            if info.is_main:
+                atomic_write_json(
+                    output_dir / "allocation" / f"round_{round_index:02d}.json", round_file
+                )
+            history.append(
+                {
+                    "round": round_index,
+                    "S_M": scores.S_M,
+                    "scores": importance,
+                    "ranks_after": plan.ranks_after,
+                }
+            )
+            round_s = time.perf_counter() - start
+            window_start += round_s  # tokens per second counts training time only
+            record.update(
+                round=round_index,
+                pruned=len(plan.pruned),
+                scoring_s=round(scored_s, 3),
+                rebuild_s=round(round_s - scored_s, 3),
+            )
+            pruned_types = Counter(module_type(n) for n, _ in plan.pruned)
+            log(
+                info,
+                f"round {round_index}: S(M) {scores.S_M:.4f}, pruned {len(plan.pruned)} "
+                f"{dict(pruned_types)}, added {sum(plan.added.values())} {plan.added}; "
+                f"scored in {scored_s:.1f}s",
+            )
+
+        evaluating = done > schedule.last_round_step and (
+            (done - schedule.last_round_step) % cfg.eval_steps == 0 or done == schedule.total_steps
+        )
+        if evaluating:
+            dev_loss = D.distributed_loss(model, dev_batches, info)
+            record["dev_loss"] = dev_loss
+            if dev_loss < best_loss:
+                best_loss, evals_without_gain = dev_loss, 0
+                export(output_dir / "best_adapter", history)
+            else:
+                evals_without_gain += 1
+
+        if done % cfg.logging_steps == 0 or record or done == schedule.total_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens = D.all_reduce_sum([tokens_seen], info.device)[0]
+            record = {
+                "step": done,
+                "epoch": round(done / schedule.steps_per_epoch, 4),
+                "loss": float(loss.detach()),
+                "lr": schedule.lr_at(step, cfg.learning_rate),
+                "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+                **record,
+            }
+            tokens_seen, window_start = 0.0, time.perf_counter()
+            if info.is_main:
+                with metrics_file.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            log(
+                info,
+                " ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in record.items()
+                ),
+            )
+        if evals_without_gain >= cfg.patience:
+            log(
+                info,
+                f"early stopping at step {done}: no better dev loss in {cfg.patience} evaluations",
+            )
+            break
+
+    export(output_dir / "adapter", history)
+    final = rank_map(model)
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for name, r in final.items():
+        by_type[module_type(name)].append(r)
+    log(
+        info,
+        "final ranks per module type (layer order): "
+        + "; ".join(f"{t} {v}" for t, v in by_type.items()),
+    )
+    log(
+        info,
+        f"total ranks {sum(final.values())} of budget {rank_budget}; "
+        f"most common rank {Counter(final.values()).most_common(1)[0][0]}; best dev loss {best_loss:.4f}",
+    )
+    log(
+        info,
+        f"outputs in {output_dir}: adapter/, best_adapter/, allocation/, metrics.jsonl, config.json"
+        + (", base_model/" if random_init else ""),
+    )
+    D.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
