@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -366,13 +365,3 @@ def test_bad_row_in_file_names_file_and_row(tmp_path, stdlib_only):
         load_task_examples("sst2", path)
 
 
-def test_load_with_datasets_matches_stdlib(tmp_path):
-    pytest.importorskip("datasets")
-    path = Path(sample_path("squad", "dev"))
-    assert load_task_examples("squad", path) == [
-        format_example("squad", json.loads(line)) for line in path.read_text().splitlines()
-    ]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"sentence": "x", "label": 0}\n{oops\n')
-    with pytest.raises(TaskDataError, match=r"bad\.jsonl: cannot read as json \("):
-        load_task_rows(bad)

@@ -1,0 +1,220 @@
+"""`deepspeed launch/train.py` end to end on CPU (gloo), the way users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alora_ds.allocation import plan_round
+from alora_ds.data import collate
+from alora_ds.datasets import build_split
+from alora_ds.errors import run_cli
+from alora_ds.scoring import validation_score
+from launch import train
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+BUDGET = 28  # 14 modules x r_init 2
+SMALL_RUN = [
+    "--rank_budget", str(BUDGET), "--lora_alpha", "4", "--learning_rate", "3e-3",
+    "--per_device_train_batch_size", "4", "--num_train_epochs", "3", "--initial_epochs", "1",
+    "--round_epochs", "0.5", "--num_rounds", "2", "--val_examples", "8",
+    "--scoring_batch_size", "8", "--eval_steps", "2", "--logging_steps", "1",
+]  # fmt: skip
+ROUND_KEYS = {"round", "ranks_before", "scores", "S_M", "pruned", "added", "ranks_after"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(output_dir: Path, *args: str, procs: int = 2, ds: str = "zero3", env=None, timeout=400):
+    """Launch training the way a user does; 1 process runs as a plain script."""
+    script = [str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / f"{ds}.json")]
+    if procs == 1:
+        command = [sys.executable, *script]
+    else:
+        command = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), *script]
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env or {}))
+    return subprocess.run(
+        [*command, "--output_dir", str(output_dir), *SMALL_RUN, *args],
+        capture_output=True, text=True, cwd=REPO, env=full_env, timeout=timeout,
+    )  # fmt: skip
+
+
+def read_rounds(output_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((output_dir / "allocation").glob("round_*.json"))]
+
+
+def check_run(output_dir: Path, result: subprocess.CompletedProcess) -> None:
+    """What every successful run must show, whatever the stage and process count."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < losses[0] - 0.3, losses  # the loss falls
+    assert all(set(m) >= {"step", "epoch", "loss", "lr", "tokens_per_s"} for m in metrics)
+    assert any("dev_loss" in m for m in metrics)
+
+    rounds = read_rounds(output_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    previous = None
+    for record in rounds:
+        assert set(record) == ROUND_KEYS
+        # The round obeys the allocation rules against its own scores.
+        plan = plan_round(record["scores"], 7)
+        assert record["pruned"] == [list(p) for p in plan.pruned]
+        assert record["added"] == plan.added
+        assert record["ranks_after"] == plan.ranks_after
+        assert {k: len(v) for k, v in record["scores"].items()} == record["ranks_before"]
+        assert sum(record["ranks_after"].values()) <= BUDGET
+        assert previous is None or record["ranks_before"] == previous["ranks_after"]
+        assert record["S_M"] < 0
+        previous = record
+    assert all(name.startswith("model.layers.") for name in rounds[0]["scores"])
+
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["rank_budget"] == BUDGET and config["resolved"]["r_init"] == 2
+    assert "final ranks per module type" in result.stdout
+
+    # The exported adapter, loaded by peft on its own, is the trained model: same dev loss.
+    base = AutoModelForCausalLM.from_pretrained(output_dir / "base_model")
+    tokenizer = AutoTokenizer.from_pretrained(output_dir / "base_model")
+    adapter_config = json.loads((output_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((output_dir / "base_model").resolve())
+    model = PeftModel.from_pretrained(base, output_dir / "adapter").eval()
+    dev, _ = build_split("sst2", None, "validation", tokenizer, 512)
+    batches = [collate(dev[i : i + 4], tokenizer.pad_token_id) for i in range(0, len(dev), 4)]
+    assert -validation_score(model, batches) == pytest.approx(metrics[-1]["dev_loss"], rel=1e-5)
+    assert (output_dir / "best_adapter" / "adapter_model.safetensors").is_file()
+    metadata = json.loads((output_dir / "adapter" / "alora_metadata.json").read_text())
+    assert metadata["rank_map"] == rounds[-1]["ranks_after"]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("zero3") / "run"
+    return output_dir, run_train(output_dir)
+
+
+def test_zero3_two_processes(zero3_run):
+    output_dir, result = zero3_run
+    check_run(output_dir, result)
+    assert "2 process(es), ZeRO stage 3" in result.stdout
+    assert "4 x accumulation 1 x 2 processes = 8 examples per optimizer step" in result.stdout
+
+
+def test_same_seed_same_rounds_and_adapter_bytes(zero3_run, tmp_path):
+    first, _ = zero3_run
+    second = tmp_path / "again"
+    result = run_train(second)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(read_rounds(first), read_rounds(second), strict=True):
+        assert a == b
+    for directory in ("adapter", "best_adapter"):
+        file = f"{directory}/adapter_model.safetensors"
+        assert (first / file).read_bytes() == (second / file).read_bytes()
+    configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (first, second)]
+    for config in configs:  # the only difference: where each run saved its base model
+        config.pop("base_model_name_or_path")
+    assert configs[0] == configs[1]
+
+
+def test_zero2_two_processes(tmp_path):
+    result = run_train(tmp_path / "run", ds="zero2")
+    check_run(tmp_path / "run", result)
+    assert "ZeRO stage 2" in result.stdout
+
+
+def test_one_process_and_a_small_dev_split(tmp_path):
+    # |B_val| = 64 but the dev split holds 33 rows: said, and all 33 are used.
+    result = run_train(tmp_path / "run", "--val_examples", "64", procs=1)
+    check_run(tmp_path / "run", result)
+    assert "1 process(es)" in result.stdout
+    assert "the dev split has 33 examples, fewer than |B_val| = 64; scoring uses all 33" in result.stdout
+
+
+def test_plan_mismatch_stops_every_process(tmp_path):
+    start = time.monotonic()
+    result = run_train(tmp_path / "run", env={"ALORA_DS_TEST_CORRUPT_RANK": "1"}, timeout=200)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    message = "after round 1, process 1 disagrees with process 0 on module model.layers.0.self_attn.q_proj"
+    assert output.count(message) >= 2, output[-3000:]  # raised by both processes
+    assert time.monotonic() - start < 120
+    assert not (tmp_path / "run" / "allocation" / "round_01.json").exists()
+
+
+# ---- bad input: one line, exit 2, nothing written -------------------------------------------
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    code = run_cli(train.main, argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_input(tmp_path, capsys):
+    out = tmp_path / "out"
+    good_ds = str(REPO / "ds_configs" / "zero3.json")
+    no_fields = write(tmp_path / "nofields.jsonl", '{"text": "hello", "label": 1}\n')
+    empty = write(tmp_path / "empty.jsonl", "")
+    cases = [
+        (["--ds_config", str(tmp_path / "nope.json")], r"ds config .*nope.json does not exist"),
+        (["--ds_config", write(tmp_path / "bad.json", "{oops")], r"ds config .*bad.json is not valid JSON"),
+        (
+            ["--ds_config", write(tmp_path / "batch.json", json.dumps({"train_batch_size": 7}))],
+            r"train_batch_size = 7 but the run has train_batch_size = 4 \(micro batch 4 x accumulation 1 x 1 processes = 4\)",
+        ),
+        (["--ds_config", good_ds, "--task", "mnli"], r"unknown task 'mnli'; known tasks: alpaca, boolq"),
+        (["--ds_config", good_ds, "--train_file", no_fields], r"nofields.jsonl row 1: missing field 'sentence' required by task sst2"),
+        (["--ds_config", good_ds, "--train_file", empty], r"empty.jsonl"),
+        (["--ds_config", good_ds, "--rank_budget", "7"], r"rank_budget 7 is smaller than the number of adapted modules \(14\)"),
+        (["--ds_config", good_ds, "--rank_budget", "30"], r"rank_budget 30 does not divide evenly over 14"),
+        (["--ds_config", good_ds, "--learning_rat", "1e-3"], r"unknown option 'learning_rat' \(did you mean learning_rate\?\)"),
+        (["--ds_config", good_ds, "--num_rounds", "40"], r"the rounds need .* optimizer steps"),
+        (["--ds_config", good_ds, "--per_device_train_batch_size", "abc"], r"per_device_train_batch_size='abc' is not a valid int"),
+    ]  # fmt: skip
+    for extra, pattern in cases:
+        argv = ["--output_dir", str(out), "--per_device_train_batch_size", "4", *extra]
+        code, err = run_main(argv, capsys)
+        assert code == 2, (extra, err)
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert re.search(pattern, lines[0]), (pattern, lines[0])
+        assert not out.exists()
+
+    # An output_dir that holds another run is refused, and left as it was.
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    code, err = run_main(["--output_dir", str(out), "--ds_config", good_ds], capsys)
+    assert code == 2 and "already holds another run; pass --overwrite_output_dir" in err
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    from alora_ds.config import parse_args
+
+    config = write(tmp_path / "c.yaml", "learning_rate: 2.0e-4\ntarget_modules: [q_proj, v_proj]\nnum_rounds: 3\n")
+    cfg = parse_args(["--config", config, "--num_rounds=5", "--output_dir", "x", "--ds_config", "d",
+                      "--overwrite_output_dir", "--local_rank=1"])  # fmt: skip
+    assert cfg.learning_rate == 2e-4 and cfg.num_rounds == 5 and cfg.overwrite_output_dir
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    bad = write(tmp_path / "bad.yaml", "learning_rate: 1e-4\nbudget: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown option 'budget'"):
+        parse_args(["--config", bad, "--output_dir", "x", "--ds_config", "d"])
