@@ -73,13 +73,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[07-09,12],cpu1" -> "gpu07"."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head
+    prefix, _, rest = head.partition("[")
+    first = rest.split(",")[0].split("-")[0].rstrip("]")
+    return prefix + first
+
+
+def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from Slurm's variables, for a
+    script started by `srun` (one task per GPU) where no launcher set the usual ones."""
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    mapped = {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "MASTER_ADDR": env.get("MASTER_ADDR")
+        or first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))),
+        # A port derived from the job id: the same on every node, different between jobs.
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+    return mapped
+
+
 def init_distributed(timeout_s: int) -> DistInfo:
     """Join (or, run as a plain script, create) the process group.
 
     Launched by deepspeed / torchrun the usual RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-    MASTER_PORT are set; run as `python launch/train.py` it becomes a group of one. `timeout_s`
-    bounds every collective, so a dead peer ends the run instead of hanging it.
+    MASTER_PORT are set; under `srun` they are derived from Slurm's variables; run as
+    `python launch/train.py` it becomes a group of one. `timeout_s` bounds every collective, so
+    a dead peer ends the run instead of hanging it.
     """
+    os.environ.update(slurm_environment(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
