@@ -78,7 +78,12 @@ class TrainConfig:
     val_examples: int = 32
     """|B_val|: development examples scored per round (drawn anew each round, fixed within it)."""
     scoring_batch_size: int = 8
-    """Rows per forward when scoring."""
+    """Validation examples per chunk when scoring (the prefix cache holds one chunk)."""
+    scoring: str = "fast"
+    """fast (prefix caching, candidate batching, head at supervised positions; exact) or naive
+    (two full forwards per rank: the reference)."""
+    scoring_max_rows: int = 0
+    """Rows (candidates x examples) per scoring forward; 0 picks a cap from the sequence length."""
 
     # ---- optimisation -----------------------------------------------------------------------
     output_dir: str = ""
@@ -239,6 +244,11 @@ def validate(config: TrainConfig) -> None:
     need(bool(config.output_dir), "--output_dir is required")
     need(bool(config.ds_config), "--ds_config is required (e.g. ds_configs/zero3.json)")
     need(config.method in ("alora", "lora"), f"--method {config.method!r} is not alora or lora")
+    need(config.scoring in ("fast", "naive"), f"--scoring {config.scoring!r} is not fast or naive")
+    need(
+        config.scoring_max_rows >= 0,
+        f"--scoring_max_rows must be >= 0, got {config.scoring_max_rows}",
+    )
     need(
         config.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
         f"--attn_implementation {config.attn_implementation!r} is not auto, sdpa, eager or "

@@ -33,6 +33,12 @@ from deepspeed.utils import (
 )
 from torch import nn
 
+from alora_ds.fast_scoring import (
+    LlamaStack,
+    ScoringStats,
+    default_max_rows,
+    fast_ablation_scores,
+)
 from alora_ds.inject import gated_modules, module_generator
 from alora_ds.lora import ADAPTER_PARAM_NAMES, GatedLoRALinear, kaiming_uniform_rows
 from alora_ds.scoring import (
@@ -95,7 +101,8 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
         "MASTER_ADDR": env.get("MASTER_ADDR")
         or first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))),
         # A port derived from the job id: the same on every node, different between jobs.
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+        "MASTER_PORT": env.get("MASTER_PORT")
+        or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
     }
     return mapped
 
@@ -398,15 +405,38 @@ def write_adapter_states(
 
 
 def distributed_ab_lora_scores(
-    model: nn.Module, batches: Sequence[Batch], info: DistInfo
+    model: nn.Module,
+    batches: Sequence[Batch],
+    info: DistInfo,
+    *,
+    method: str = "fast",
+    max_rows: int = 0,
+    stats: ScoringStats | None = None,
 ) -> RankScores:
     """AB-LoRA scores with the ablations shared out over the processes.
+
+    `fast` (alora_ds.fast_scoring): prefix caching and candidate batching, each process with its
+    own share of every (layer, half) group. `naive`: two full forwards per rank. Both exact.
 
     Every process runs the same number of forwards over the same batches (ZeRO-3 forwards are
     collective) but switches off different ranks in its own gate buffers: process p takes
     candidates p, p + W, p + 2W, ...; shorter shares are padded with no-op candidates. The
     (S(M \\ r), S(M_r)) pairs are all-gathered, so every process ends with every score.
     """
+    if method == "fast" and LlamaStack.supports(model):
+
+        def gather(local: torch.Tensor) -> list[torch.Tensor]:
+            return [t.cpu() for t in all_gather_tensor(local.to(info.device))]
+
+        return fast_ablation_scores(
+            model,
+            batches,
+            max_rows=max_rows or default_max_rows(batches),
+            rank=info.rank,
+            world_size=info.world_size,
+            gather=gather,
+            stats=stats,
+        )
     modules = gated_modules(model)
     candidates = all_candidates(modules)
     world = info.world_size

@@ -101,6 +101,9 @@ class GatedLoRALinear(nn.Module):
         # The hard gates are a buffer, not a parameter: scoring flips them on and off, and in a
         # distributed run each process may hold different values (its own ablations).
         self.register_buffer("lora_gate", torch.ones(r, device=device, dtype=dtype))
+        # Per-row hard gates (N, r) that replace lora_gate while set: batched scoring gives each
+        # row of a batch its own ablation. A plain attribute: never saved, never partitioned.
+        self.row_gates: torch.Tensor | None = None
         self.gate_logits: nn.Parameter | None = None
         if relaxed_gates:
             self.gate_logits = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
@@ -115,11 +118,13 @@ class GatedLoRALinear(nn.Module):
         """Number of ranks currently held (live ranks: pruned ones are removed physically)."""
         return self.lora_gate.shape[0]
 
-    def gate_values(self) -> torch.Tensor:
-        """The effective gate g per rank: the hard mask, times 2 sigmoid(a) in the DNAS variant."""
+    def gate_values(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The effective gate g per rank: the hard mask (lora_gate unless given), times
+        2 sigmoid(a) in the DNAS variant."""
+        mask = self.lora_gate if mask is None else mask
         if self.gate_logits is None:
-            return self.lora_gate
-        return self.lora_gate * 2.0 * torch.sigmoid(self.gate_logits)
+            return mask
+        return mask * 2.0 * torch.sigmoid(self.gate_logits)
 
     def adapter_tensor(self, name: str) -> torch.Tensor:
         """lora_A or lora_B, as an empty (0, d_in) / (d_out, 0) tensor when the module has no rank."""
@@ -135,7 +140,11 @@ class GatedLoRALinear(nn.Module):
             return result
         x = x.to(self.lora_A.dtype)
         h = self.dropout(x) @ self.lora_A.t()  # (..., r)
-        h = h * self.gate_values()  # (..., r): diag(g)
+        if self.row_gates is None:
+            h = h * self.gate_values()  # (..., r): diag(g)
+        else:  # (N, ..., r) * (N, 1.., r): each row its own gates
+            gates = self.gate_values(self.row_gates.to(h.dtype))
+            h = h * gates.view(gates.shape[0], *([1] * (h.dim() - 2)), gates.shape[1])
         delta = (h @ self.lora_B.t()) * self.scale  # (..., d_out)
         return result + delta.to(result.dtype)
 

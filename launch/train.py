@@ -332,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
                 for j in range(0, len(val_ids), cfg.scoring_batch_size)
             ]
-            scores = D.distributed_ab_lora_scores(model, val_batches, info)
+            scores = D.distributed_ab_lora_scores(
+                model, val_batches, info, method=cfg.scoring, max_rows=cfg.scoring_max_rows
+            )
             importance = scores.importance
             live = sum(len(v) for v in importance.values())
             n_prune = resolve_prune_count(cfg.prune_per_round, live)
