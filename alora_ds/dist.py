@@ -412,6 +412,7 @@ def distributed_ab_lora_scores(
     method: str = "fast",
     max_rows: int = 0,
     stats: ScoringStats | None = None,
+    engine: deepspeed.DeepSpeedEngine | None = None,
 ) -> RankScores:
     """AB-LoRA scores with the ablations shared out over the processes.
 
@@ -428,6 +429,11 @@ def distributed_ab_lora_scores(
         def gather(local: torch.Tensor) -> list[torch.Tensor]:
             return [t.cpu() for t in all_gather_tensor(local.to(info.device))]
 
+        # The fast path calls the decoder layers one by one, never the model's own forward,
+        # where ZeRO-3 resets its fetch bookkeeping; without the reset every pass looks like
+        # a step of one endless forward and the bookkeeping grows without bound.
+        offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+        reset = offload.get_param_coordinator().reset_step if offload is not None else None
         return fast_ablation_scores(
             model,
             batches,
@@ -436,6 +442,7 @@ def distributed_ab_lora_scores(
             world_size=info.world_size,
             gather=gather,
             stats=stats,
+            start_of_pass=reset,
         )
     modules = gated_modules(model)
     candidates = all_candidates(modules)

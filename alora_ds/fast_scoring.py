@@ -182,12 +182,16 @@ def fast_ablation_scores(
     world_size: int = 1,
     gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
     stats: ScoringStats | None = None,
+    start_of_pass: Callable[[], None] | None = None,
 ) -> RankScores:
     """AB-LoRA scores of every live rank, exact, with prefix caching and candidate batching.
 
     With world_size > 1 every process must call this with the same batches; `gather` returns
-    every process's tensor (an all-gather) and is called once.
+    every process's tensor (an all-gather) and is called once. `start_of_pass` runs before each
+    pass through the layers, which never goes through the model's own forward (ZeRO-3 resets
+    its parameter-fetch bookkeeping there).
     """
+    start_of_pass = start_of_pass or (lambda: None)
     if not LlamaStack.supports(model):
         raise ValueError(f"fast scoring needs a LLaMA-style model, got {type(model).__name__}")
     stack = LlamaStack(model)
@@ -207,6 +211,7 @@ def fast_ablation_scores(
     with eval_mode(model):
         try:
             for batch in batches:
+                start_of_pass()
                 ctx = stack.context(batch)
                 labels = batch["labels"]
                 rows_per_candidate = labels.shape[0]
@@ -219,6 +224,7 @@ def fast_ablation_scores(
                 for mode in (_OFF, _ON):
                     for name, module in modules.items():
                         module.lora_gate.copy_(saved_gates[name] if mode == _OFF else 0)
+                    start_of_pass()
                     h, states = ctx["embeds"], []
                     for layer in stack.layers:
                         mid = stack.attention_half(layer, h, ctx, 1)
@@ -237,6 +243,7 @@ def fast_ablation_scores(
                         for name, module in modules.items():
                             module.lora_gate.copy_(saved_gates[name] if mode == _OFF else 0)
                         for start in range(0, len(share), per_block):
+                            start_of_pass()
                             block = share[start : start + per_block]
                             losses = _run_block(
                                 stack, modules, layer_index, half, mode, block,

@@ -333,7 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for j in range(0, len(val_ids), cfg.scoring_batch_size)
             ]
             scores = D.distributed_ab_lora_scores(
-                model, val_batches, info, method=cfg.scoring, max_rows=cfg.scoring_max_rows
+                model,
+                val_batches,
+                info,
+                method=cfg.scoring,
+                max_rows=cfg.scoring_max_rows,
+                engine=engine,
             )
             importance = scores.importance
             live = sum(len(v) for v in importance.values())

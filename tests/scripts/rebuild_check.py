@@ -20,8 +20,11 @@ from tests.conftest import random_examples  # noqa: E402
 
 ds = json.loads(Path(sys.argv[1]).read_text())
 info = D.init_distributed(60)
-ds.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
-          train_batch_size=4 * info.world_size)
+ds.update(
+    train_micro_batch_size_per_gpu=4,
+    gradient_accumulation_steps=1,
+    train_batch_size=4 * info.world_size,
+)
 with D.partitioned_loading(ds):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_llama_config())
@@ -37,8 +40,9 @@ scores = D.distributed_ab_lora_scores(model, make_batches(random_examples(8, see
 plan = plan_round(scores.importance, 7)
 pruned = pruned_by_module(plan)
 before = D.read_adapter_states(engine, gated_modules(model))
-engine = D.rebuild_engine(engine, model, ds, settings, info, plan.to_json(), pruned, plan.added,
-                          seed=0, round_index=1)
+engine = D.rebuild_engine(
+    engine, model, ds, settings, info, plan.to_json(), pruned, plan.added, seed=0, round_index=1
+)
 after = D.read_adapter_states(engine, gated_modules(model))
 assert rank_map(model) == plan.ranks_after
 assert D.optimizer_step_count(engine) == 3
@@ -49,7 +53,10 @@ for name, old in before.items():
     assert torch.equal(new.values["lora_B"][:, :n], old.values["lora_B"][:, keep]), name
     for key in D.ADAM_STATE_KEYS:
         assert torch.equal(new.moments["lora_A"][key][:n], old.moments["lora_A"][key][keep]), name
-        assert torch.equal(new.moments["lora_B"][key][:, n:].abs().sum(0), torch.zeros(new.values["lora_B"].shape[1] - n))
+        assert torch.equal(
+            new.moments["lora_B"][key][:, n:].abs().sum(0),
+            torch.zeros(new.values["lora_B"].shape[1] - n),
+        )
         assert torch.all(new.moments["lora_A"][key][n:] == 0), name
     assert torch.all(new.values["lora_B"][:, n:] == 0), name
     assert new.values["lora_A"].shape[0] == plan.ranks_after[name]

@@ -40,7 +40,7 @@ engine.backward(engine(**batches[0]).loss)
 engine.step()
 
 naive = D.distributed_ab_lora_scores(model, batches, info, method="naive")
-fast = D.distributed_ab_lora_scores(model, batches, info, method="fast", max_rows=12)
+fast = D.distributed_ab_lora_scores(model, batches, info, method="fast", max_rows=12, engine=engine)
 worst = 0.0
 for scores in (naive, fast):
     for name in scores.S_without:
