@@ -1,16 +1,13 @@
 """eval.judge against a real local OpenAI-compatible server (stdlib http.server on 127.0.0.1).
 
-The fake judge prefers answers containing "GOOD" (9 vs 4) and adds one point to whichever
-answer it is shown first, so the pairwise numbers below show the position bias cancelling.
+The fake judge (the `server` fixture, in conftest.py) prefers answers containing "GOOD" (9 vs 4)
+and adds one point to whichever answer it is shown first, so the pairwise numbers below show the
+position bias cancelling.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,99 +32,9 @@ from eval.judge import (
     rouge_l_against_references,
 )
 from eval.metrics import rouge_l
+from tests.eval.conftest import SECRET, FakeJudge
 
-SECRET = "sk-test-DO-NOT-LEAK-4242"
 FAST_RETRY = RetryPolicy(max_retries=3, base_delay_s=0.01, max_delay_s=0.05)
-
-
-class FakeJudge:
-    """What the server does: `script` actions first (one per request), then `default`."""
-
-    def __init__(self) -> None:
-        self.default = "good"
-        self.script: list[str] = []
-        self.requests: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-
-    def next_action(self, body: dict[str, Any], auth: str | None) -> str:
-        with self.lock:
-            self.requests.append({"body": body, "auth": auth})
-            return self.script.pop(0) if self.script else self.default
-
-
-def fake_verdict(prompt: str) -> str:
-    """Pairwise: GOOD answers 9, others 4, +1 for position A. Single: GOOD 8, others 3."""
-    if "The Start of Assistant B" in prompt:
-        part_a = prompt.split("The Start of Assistant B")[0].split("The Start of Assistant A")[1]
-        part_b = prompt.split("The Start of Assistant B")[1].split("[System]")[0]
-        a = (9 if "GOOD" in part_a else 4) + 1
-        b = 9 if "GOOD" in part_b else 4
-        return f"Assistant A is fine. Assistant B is fine.\n[[A: {a}, B: {b}]]"
-    return f"Short explanation. Rating: [[{8 if 'GOOD' in prompt else 3}]]"
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: ThreadingHTTPServer
-
-    def log_message(self, *args: Any) -> None:  # keep pytest output clean
-        pass
-
-    def send_json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-            pass
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        fake: FakeJudge = self.server.fake  # type: ignore[attr-defined]
-        action = fake.next_action(body, self.headers.get("Authorization"))
-        if action in ("429", "500"):
-            message = {"429": "rate limited", "500": "server exploded"}[action]
-            self.send_json(int(action), {"error": {"message": message, "type": "x"}})
-            return
-        if action == "slow":
-            time.sleep(1.0)
-        prompt = body["messages"][-1]["content"]
-        text = "I have no opinion." if action == "norating" else fake_verdict(prompt)
-        self.send_json(
-            200,
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            },
-        )
-
-
-@pytest.fixture
-def server(monkeypatch) -> Iterator[tuple[FakeJudge, str]]:
-    """A running fake judge and its base URL; OPENAI_API_KEY set to SECRET."""
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.fake = FakeJudge()  # type: ignore[attr-defined]
-    # A short poll interval: shutdown() waits up to one interval.
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield httpd.fake, f"http://127.0.0.1:{httpd.server_address[1]}/v1"  # type: ignore[attr-defined]
-    httpd.shutdown()
-    httpd.server_close()
 
 
 QUESTIONS = [
