@@ -98,8 +98,18 @@ def share_new_ranks(
     return {name: shares[name] for name in sorted(receivers) if shares[name] > 0}
 
 
+def parameter_count(ranks: Mapping[str, int], rank_costs: Mapping[str, int]) -> int:
+    """Adapter parameters of a rank map: each rank of a module costs d_in + d_out."""
+    return sum(r * rank_costs[name] for name, r in ranks.items())
+
+
 def plan_round(
-    scores: Mapping[str, Sequence[float]], n_prune: int, n_add: int | None = None
+    scores: Mapping[str, Sequence[float]],
+    n_prune: int,
+    n_add: int | None = None,
+    *,
+    rank_costs: Mapping[str, int] | None = None,
+    param_budget: int | None = None,
 ) -> RoundPlan:
     """One round of Algorithm 1: prune the n_prune lowest ranks, give n_add (default n_prune)
     new ranks to the modules that lost none.
@@ -107,6 +117,11 @@ def plan_round(
     Modules with no live rank left are not receivers: they were pruned away as the least useful
     and have no score to rank them by. If every module lost a rank (or no receiver is left),
     nothing is added and the total ends below the budget, as in the paper.
+
+    With `rank_costs` (parameters per rank of each module: d_in + d_out) and `param_budget`,
+    the adapter parameter count also never exceeds the budget: a rank moved from a small module
+    (k_proj) to a large one (up_proj) costs more parameters, so new ranks are withdrawn, one at
+    a time from the least important receiver, until the count fits.
     """
     n_add = n_prune if n_add is None else n_add
     ranks_before = {name: len(values) for name, values in scores.items()}
@@ -120,8 +135,19 @@ def plan_round(
         ranks_after[name] -= 1
     for name, count in added.items():
         ranks_after[name] += count
+    if param_budget is not None and rank_costs is not None:
+        by_priority = sorted(receivers, key=lambda name: (mean_scores[name], name))  # least first
+        while parameter_count(ranks_after, rank_costs) > param_budget:
+            donor = next((name for name in by_priority if added.get(name, 0) > 0), None)
+            if donor is None:
+                break  # nothing added is left to withdraw; pruning alone never adds parameters
+            added[donor] -= 1
+            ranks_after[donor] -= 1
+            if added[donor] == 0:
+                del added[donor]
     assert all(r >= 0 for r in ranks_after.values())
     assert sum(ranks_after.values()) <= sum(ranks_before.values()) - n_prune + n_add
+    n_add = sum(added.values())
     return RoundPlan(
         ranks_before=ranks_before,
         pruned=pruned,

@@ -77,6 +77,9 @@ class TrainConfig:
     """n_A: ranks pruned (and re-added) per round; an integer, or a fraction of the live ranks."""
     val_examples: int = 32
     """|B_val|: development examples scored per round (drawn anew each round, fixed within it)."""
+    cap_parameters: bool = True
+    """Also keep the adapter parameter count at or under its value at the start (a rank moved
+    from k_proj to up_proj costs more parameters); false follows the paper's rank rule alone."""
     scoring_batch_size: int = 8
     """Validation examples per chunk when scoring (the prefix cache holds one chunk)."""
     scoring: str = "fast"

@@ -36,7 +36,12 @@ if not torch.cuda.is_available():
 from transformers import AutoTokenizer  # noqa: E402
 
 from alora_ds import dist as D  # noqa: E402
-from alora_ds.allocation import plan_round, pruned_by_module, resolve_prune_count  # noqa: E402
+from alora_ds.allocation import (  # noqa: E402
+    parameter_count,
+    plan_round,
+    pruned_by_module,
+    resolve_prune_count,
+)
 from alora_ds.config import (  # noqa: E402
     TrainConfig,
     load_ds_config,
@@ -266,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         weight_decay=cfg.weight_decay,
     )
     engine = D.create_engine(model, ds_config, settings)
+    rank_costs = {name: m.in_features + m.out_features for name, m in modules.items()}
+    param_budget = parameter_count(rank_map(model), rank_costs) if cfg.cap_parameters else None
     pad_id = tokenizer.pad_token_id
     dev_batches = shard_batches(
         dev_examples, cfg.per_device_train_batch_size, info, pad_id, info.device
@@ -343,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             importance = scores.importance
             live = sum(len(v) for v in importance.values())
             n_prune = resolve_prune_count(cfg.prune_per_round, live)
-            plan = plan_round(importance, n_prune)
+            plan = plan_round(importance, n_prune, rank_costs=rank_costs, param_budget=param_budget)
             round_file = {
                 "round": round_index,
                 "ranks_before": plan.ranks_before,
@@ -369,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             assert rank_map(model) == plan.ranks_after
             assert sum(plan.ranks_after.values()) <= rank_budget
+            assert (
+                param_budget is None or parameter_count(rank_map(model), rank_costs) <= param_budget
+            )
             if info.is_main:
                 atomic_write_json(
                     output_dir / "allocation" / f"round_{round_index:02d}.json", round_file

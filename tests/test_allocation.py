@@ -103,3 +103,21 @@ def test_prune_count_as_int_or_fraction():
 def test_non_finite_score_names_module_and_rank():
     with pytest.raises(ValueError, match="rank 1 of module m.b is nan"):
         plan_round({"m.a": [0.0], "m.b": [1.0, float("nan")]}, 1)
+
+
+def test_parameter_budget_withdraws_new_ranks_from_the_least_important_receiver():
+    scores = {"k": [-1.0, 1.0], "q": [2.0, 2.0], "up": [3.0, 3.0], "down": [0.5, 0.5]}
+    costs = {"k": 96, "q": 128, "up": 192, "down": 192}
+    budget = 2 * (96 + 128 + 192 + 192)
+    free = plan_round(scores, 1)
+    assert free.added == {"up": 1}  # the highest mean among q, up, down takes the remainder
+    capped = plan_round(scores, 1, rank_costs=costs, param_budget=budget)
+    # k's rank (96 parameters) cannot pay for a rank of up (192): the new rank is withdrawn.
+    assert capped.added == {}
+    assert capped.ranks_after == {"k": 1, "q": 2, "up": 2, "down": 2}
+    scores = {"k": [-1.0, -1.0, 1.0], "q": [2.0], "up": [3.0], "down": [0.5]}
+    capped = plan_round(scores, 2, rank_costs=costs, param_budget=3 * 96 + 128 + 2 * 192)
+    # 2 x 96 parameters freed; up (highest mean) and q were given one rank each: q, the less
+    # important receiver, gives its new rank back, and up's (192) fits exactly.
+    assert capped.added == {"up": 1}
+    assert sum(r * costs[n] for n, r in capped.ranks_after.items()) <= 3 * 96 + 128 + 2 * 192

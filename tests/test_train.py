@@ -31,6 +31,10 @@ SMALL_RUN = [
     "--round_epochs", "0.5", "--num_rounds", "2", "--val_examples", "8",
     "--scoring_batch_size", "8", "--eval_steps", "2", "--logging_steps", "1",
 ]  # fmt: skip
+# d_in + d_out per rank in the embedded tiny LLaMA (hidden 64, 2 KV heads of 16, MLP 128).
+RANK_COSTS = {"q_proj": 128, "k_proj": 96, "v_proj": 96, "o_proj": 128,
+              "gate_proj": 192, "up_proj": 192, "down_proj": 192}  # fmt: skip
+PARAM_BUDGET = 2 * 2 * sum(RANK_COSTS.values())  # r_init 2 on every module of 2 layers
 ROUND_KEYS = {"round", "ranks_before", "scores", "S_M", "pruned", "added", "ranks_after"}
 
 
@@ -73,7 +77,9 @@ def check_run(output_dir: Path, result: subprocess.CompletedProcess) -> None:
     for record in rounds:
         assert set(record) == ROUND_KEYS
         # The round obeys the allocation rules against its own scores.
-        plan = plan_round(record["scores"], 7)
+        costs = {name: RANK_COSTS[name.rsplit(".", 1)[-1]] for name in record["scores"]}
+        plan = plan_round(record["scores"], 7, rank_costs=costs, param_budget=PARAM_BUDGET)
+        assert sum(r * costs[n] for n, r in record["ranks_after"].items()) <= PARAM_BUDGET
         assert record["pruned"] == [list(p) for p in plan.pruned]
         assert record["added"] == plan.added
         assert record["ranks_after"] == plan.ranks_after
