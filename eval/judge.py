@@ -770,17 +770,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     rouge.add_argument("--output", type=Path, help="also write the result JSON here")
     single.add_argument(
-        "--judge-prompts", type=Path, help="judge_prompts.jsonl (default: the package's)"
+        "--judge-prompts",
+        "--judge_prompts",
+        type=Path,
+        help="judge_prompts.jsonl (default: the package's)",
     )
     for sub in (pairwise, single):
-        sub.add_argument("--judge-model", required=True, help="model name the API serves")
+        sub.add_argument(
+            "--judge-model", "--judge_model", required=True, help="model name the API serves"
+        )
         sub.add_argument(
             "--api-base",
+            "--api_base",
             required=True,
             help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1",
         )
         sub.add_argument(
             "--output-dir",
+            "--output_dir",
             type=Path,
             required=True,
             help="judgments_<protocol>.jsonl and summary_<protocol>.json are written here",
@@ -792,11 +799,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds per attempt")
         sub.add_argument(
             "--max-retries",
+            "--max_retries",
             type=int,
             default=RetryPolicy.max_retries,
             help="retries of a call after 429, 5xx or a timeout",
         )
-        sub.add_argument("--max-tokens", type=int, default=2048, help="judge reply limit")
+        sub.add_argument(
+            "--max-tokens", "--max_tokens", type=int, default=2048, help="judge reply limit"
+        )
     return parser.parse_args(argv)
 
 
