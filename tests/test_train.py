@@ -237,3 +237,32 @@ def test_zero3_rebuild_keeps_survivors_values_and_moments():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rank 0: rebuild ok" in result.stdout and "rank 1: rebuild ok" in result.stdout
+
+
+def test_lora_baseline_has_no_rounds(tmp_path):
+    result = run_train(tmp_path / "run", "--method", "lora", "--num_train_epochs", "2", procs=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_rounds(tmp_path / "run") == []
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert set(config["rank_pattern"].values()) == {2}  # every module keeps r_init
+
+
+def test_bf16_zero3_and_stage0(tmp_path):
+    for stage, precision in ((3, {"bf16": {"enabled": True}}), (0, {})):
+        ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+        ds.update(precision, zero_optimization={"stage": stage})
+        path = tmp_path / f"ds{stage}.json"
+        path.write_text(json.dumps(ds))
+        out = tmp_path / f"run{stage}"
+        script = [str(REPO / "launch" / "train.py"), "--ds_config", str(path), "--output_dir", str(out)]
+        result = subprocess.run(
+            [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *script, *SMALL_RUN,
+             "--num_train_epochs", "2", "--num_rounds", "1"],
+            capture_output=True, text=True, cwd=REPO, timeout=400,
+            env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"ZeRO stage {stage}" in result.stdout
+        assert ("bfloat16" in result.stdout) == (stage == 3)
+        assert len(read_rounds(out)) == 1
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
