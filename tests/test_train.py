@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,9 +115,24 @@ def zero3_run(tmp_path_factory):
     return output_dir, run_train(output_dir)
 
 
-def test_zero3_two_processes(zero3_run):
+def test_zero3_two_processes(zero3_run, tmp_path):
     output_dir, result = zero3_run
     check_run(output_dir, result)
+    # The adapter trained under 2-process ZeRO-3, merged into a full checkpoint, is the model
+    # peft builds from base + adapter.
+    from eval.merge import main as merge_main
+
+    merged = tmp_path / "merged"
+    assert merge_main(["--model_name_or_path", str(output_dir / "base_model"),
+                       "--adapter", str(output_dir / "adapter"), "--output_dir", str(merged)]) == 0  # fmt: skip
+    ids = torch.randint(4, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(output_dir / "base_model"), output_dir / "adapter"
+    ).eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert "2 process(es), ZeRO stage 3" in result.stdout
     assert "4 x accumulation 1 x 2 processes = 8 examples per optimizer step" in result.stdout
 
