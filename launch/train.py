@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ---- every input is checked before anything is started or written ------------------
     output_dir = Path(cfg.output_dir)
     check_output_dir(output_dir, cfg.overwrite_output_dir)
+    # Under srun nothing has set WORLD_SIZE yet: map Slurm's variables first (a no-op under
+    # deepspeed or torchrun, which set RANK).
+    os.environ.update(D.slurm_environment(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = resolve_batch_sizes(load_ds_config(cfg.ds_config), cfg, world_size, cfg.ds_config)
     dtype = D.model_dtype(ds_config)
