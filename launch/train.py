@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -68,6 +69,7 @@ from alora_ds.modeling import (  # noqa: E402
     load_base_model,
     resolve_attn_implementation,
 )
+from alora_ds.report import plot_rank_heatmap, summarize_run  # noqa: E402
 from alora_ds.schedule import (  # noqa: E402
     draw_validation_indices,
     make_schedule,
@@ -275,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     engine = D.create_engine(model, ds_config, settings)
     rank_costs = {name: m.in_features + m.out_features for name, m in modules.items()}
+    initial_ranks = rank_map(model)
     param_budget = parameter_count(rank_map(model), rank_costs) if cfg.cap_parameters else None
     pad_id = tokenizer.pad_token_id
     dev_batches = shard_batches(
@@ -302,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     best_loss, evals_without_gain, round_index = float("inf"), 0, 0
     corrupt_rank = int(os.environ.get(CORRUPT_ENV, "-1"))
     tokens_seen, window_start = 0.0, time.perf_counter()
+    run_start, all_tokens = time.perf_counter(), 0.0
     metrics_file = output_dir / "metrics.jsonl"
     for step in range(schedule.total_steps):
         model.train()
@@ -324,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
             tokens_seen += float(batch["attention_mask"].sum())
+            all_tokens += float(batch["attention_mask"].sum())
         done = step + 1
         record: dict = {}
 
@@ -385,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if info.is_main:
                 atomic_write_json(
                     output_dir / "allocation" / f"round_{round_index:02d}.json", round_file
+                )
+                plot_rank_heatmap(
+                    plan.ranks_after,
+                    output_dir / "allocation" / f"ranks_round_{round_index:02d}.png",
+                    title=f"LoRA ranks after round {round_index}",
                 )
             history.append(
                 {
@@ -453,6 +463,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     export(output_dir / "adapter", history)
     final = rank_map(model)
+    wall_s = time.perf_counter() - run_start
+    peak = (
+        torch.cuda.max_memory_allocated(info.device)
+        if info.device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS, bytes
+    )
+    peaks = D.all_gather_tensor(torch.tensor([peak], dtype=torch.int64, device=info.device))
+    tokens_total = D.all_reduce_sum([all_tokens], info.device)[0]
+    if info.is_main:
+        plot_rank_heatmap(final, output_dir / "ranks.png")
+        summary = summarize_run(
+            initial_ranks=initial_ranks, final_ranks=final, params_per_rank=rank_costs,
+            peak_memory_bytes=[int(p) for p in peaks], wall_time_s=wall_s, tokens=int(tokens_total),
+        )  # fmt: skip
+        atomic_write_json(output_dir / "summary.json", summary.to_dict())
+        log(info, summary.to_text())
     by_type: dict[str, list[int]] = defaultdict(list)
     for name, r in final.items():
         by_type[module_type(name)].append(r)
@@ -468,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log(
         info,
-        f"outputs in {output_dir}: adapter/, best_adapter/, allocation/, metrics.jsonl, config.json"
-        + (", base_model/" if random_init else ""),
+        f"outputs in {output_dir}: adapter/, best_adapter/, allocation/, metrics.jsonl, "
+        "config.json, summary.json, ranks.png" + (", base_model/" if random_init else ""),
     )
     D.barrier()
     return 0

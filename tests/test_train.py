@@ -91,6 +91,14 @@ def check_run(output_dir: Path, result: subprocess.CompletedProcess) -> None:
         previous = record
     assert all(name.startswith("model.layers.") for name in rounds[0]["scores"])
 
+    # The run's summary and rank heatmaps agree with the round files.
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["total_ranks_start"] == BUDGET
+    assert summary["total_ranks_end"] == sum(rounds[-1]["ranks_after"].values())
+    assert summary["adapter_params_end"] <= PARAM_BUDGET == summary["adapter_params_start"]
+    for png in ("ranks.png", "allocation/ranks_round_01.png", "allocation/ranks_round_02.png"):
+        assert (output_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     config = json.loads((output_dir / "config.json").read_text())
     assert config["rank_budget"] == BUDGET and config["resolved"]["r_init"] == 2
     assert "final ranks per module type" in result.stdout
