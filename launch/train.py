@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
     attn = resolve_attn_implementation(cfg.attn_implementation)
+    log(info, f"attention: {attn}; gradient checkpointing: {cfg.gradient_checkpointing}")
     model, random_init = load_base_model(
         cfg.model_name_or_path,
         cfg.model_config,
