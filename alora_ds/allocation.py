@@ -147,7 +147,6 @@ def plan_round(
                 del added[donor]
     assert all(r >= 0 for r in ranks_after.values())
     assert sum(ranks_after.values()) <= sum(ranks_before.values()) - n_prune + n_add
-    n_add = sum(added.values())
     return RoundPlan(
         ranks_before=ranks_before,
         pruned=pruned,

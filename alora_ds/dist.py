@@ -47,7 +47,9 @@ from alora_ds.scoring import (
     ablation_scores,
     all_candidates,
     assemble_scores,
+    eval_mode,
     reference_scores,
+    supervised_loss_totals,
 )
 
 ADAM_STATE_KEYS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
@@ -188,13 +190,6 @@ def partitioned_loading(ds_config: Mapping[str, Any]) -> Iterator[None]:
     finally:
         del keep_alive
         unset_hf_deepspeed_config()
-
-
-def random_init_context(ds_config: Mapping[str, Any]) -> contextlib.AbstractContextManager:
-    """Context for building a randomly initialised model (from_config) partitioned under ZeRO-3."""
-    if zero_stage(ds_config) != 3:
-        return contextlib.nullcontext()
-    return deepspeed.zero.Init(config_dict_or_path=dict(ds_config))
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -579,17 +574,8 @@ def distributed_loss(model: nn.Module, batches: Sequence[Batch], info: DistInfo)
     Every process must pass the same number of batches (pad with batches whose labels are all
     -100), because under ZeRO-3 the forwards are collective.
     """
-    from alora_ds.scoring import eval_mode, supervised_loss_sum
-
-    total, count = 0.0, 0
     with eval_mode(model):
-        for batch in batches:
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-            loss_sum, tokens = supervised_loss_sum(logits, batch["labels"])
-            total += loss_sum
-            count += tokens
+        total, count = supervised_loss_totals(model, batches)
     total, count = all_reduce_sum([total, count], info.device)
     return total / max(count, 1.0)
 

@@ -93,14 +93,20 @@ def load_causal_lm(
     model_name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> torch.nn.Module:
     """A causal LM from a local directory (or a hub id when the hub can be reached)."""
+    return _from_pretrained(model_name_or_path, dtype, "sdpa").to(device).eval()
+
+
+def _from_pretrained(
+    model_name_or_path: str, dtype: torch.dtype, attn_implementation: str
+) -> torch.nn.Module:
+    """from_pretrained with a missing path or an unloadable model as a one-line InputError."""
     _check_model_path(model_name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path, dtype=dtype, attn_implementation="sdpa"
+        return AutoModelForCausalLM.from_pretrained(
+            model_name_or_path, dtype=dtype, attn_implementation=attn_implementation
         )
     except OSError as exc:
         raise _load_error(model_name_or_path, exc) from exc
-    return model.to(device).eval()
 
 
 TINY_LLAMA_CONFIG = Path(__file__).resolve().parent / "assets" / "tiny-llama.json"
@@ -153,14 +159,7 @@ def load_base_model(
     """
     with loading_context:
         if model_name_or_path is not None:
-            _check_model_path(model_name_or_path)
-            try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    model_name_or_path, dtype=dtype, attn_implementation=attn_implementation
-                )
-            except OSError as exc:
-                raise _load_error(model_name_or_path, exc) from exc
-            return model, False
+            return _from_pretrained(model_name_or_path, dtype, attn_implementation), False
         config = read_model_config(model_config or TINY_LLAMA_CONFIG)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

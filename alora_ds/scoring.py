@@ -102,18 +102,24 @@ def supervised_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[flo
 
 
 @torch.no_grad()
-def validation_score(model: nn.Module, batches: Sequence[Batch]) -> float:
-    """S = minus the mean cross-entropy over all supervised tokens of all batches (fp32).
-
-    The mean is per token over the whole validation set, not per batch, so how the set is cut
-    into micro-batches does not change the score.
-    """
+def supervised_loss_totals(model: nn.Module, batches: Sequence[Batch]) -> tuple[float, int]:
+    """Summed fp32 cross-entropy and supervised-token count over all batches (no_grad)."""
     total, count = 0.0, 0
     for batch in batches:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum, tokens = supervised_loss_sum(logits, batch["labels"])
         total += loss_sum
         count += tokens
+    return total, count
+
+
+def validation_score(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """S = minus the mean cross-entropy over all supervised tokens of all batches (fp32).
+
+    The mean is per token over the whole validation set, not per batch, so how the set is cut
+    into micro-batches does not change the score.
+    """
+    total, count = supervised_loss_totals(model, batches)
     if count == 0:
         raise ValueError("the validation batch has no supervised token (every label is -100)")
     return -total / count

@@ -50,7 +50,7 @@ from alora_ds.config import (  # noqa: E402
     resolve_batch_sizes,
     to_json,
 )
-from alora_ds.data import IGNORE_INDEX, collate  # noqa: E402
+from alora_ds.data import IGNORE_INDEX, collate, make_batches  # noqa: E402
 from alora_ds.datasets import build_split, check_task  # noqa: E402
 from alora_ds.errors import InputError, run_cli  # noqa: E402
 from alora_ds.export import write_peft_adapter  # noqa: E402
@@ -339,15 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             val_ids = draw_validation_indices(
                 len(dev_examples), val_examples, seed=cfg.seed, round_index=round_index
             )
-            val_batches = [
-                {
-                    k: v.to(info.device)
-                    for k, v in collate(
-                        [dev_examples[i] for i in val_ids[j : j + cfg.scoring_batch_size]], pad_id
-                    ).items()
-                }
-                for j in range(0, len(val_ids), cfg.scoring_batch_size)
-            ]
+            val_batches = make_batches(
+                [dev_examples[i] for i in val_ids], cfg.scoring_batch_size, pad_id, info.device
+            )
             scores = D.distributed_ab_lora_scores(
                 model,
                 val_batches,

@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from alora_ds.data import load_tokenized_jsonl, make_batches
 from alora_ds.errors import run_cli
+from alora_ds.inject import LLAMA_TARGET_MODULES
 from alora_ds.modeling import build_random_llama, load_causal_lm, tiny_llama_config
 from alora_ds.peft_io import load_peft_adapter
 from alora_ds.score import main
@@ -31,15 +32,7 @@ def save_peft_adapter(base_dir: Path, out_dir: Path, seed: int = 5, **config) ->
     lora = LoraConfig(
         r=2,
         lora_alpha=8,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=list(LLAMA_TARGET_MODULES),
         **config,
     )
     model = get_peft_model(base, lora)
