@@ -25,6 +25,9 @@ from alora_ds.errors import InputError
 from alora_ds.inject import LLAMA_TARGET_MODULES
 
 
+METHODS = ("alora", "lora", "alora-dnas", "alora-sensi", "adalora", "sora")
+
+
 @dataclass
 class TrainConfig:
     # ---- model ---------------------------------------------------------------------------
@@ -39,6 +42,11 @@ class TrainConfig:
     """auto (flash_attention_2 when installed, else sdpa), sdpa, eager or flash_attention_2."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about 30% slower)."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in bitsandbytes nf4 (stored in the run's dtype so ZeRO-3 can
+    shard it); the adapters stay in the run's dtype."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model or tokenizer. Off: only transformers' own code."""
 
     # ---- data ----------------------------------------------------------------------------
     task: str = "sst2"
@@ -54,7 +62,8 @@ class TrainConfig:
 
     # ---- ALoRA -----------------------------------------------------------------------------
     method: str = "alora"
-    """alora (allocation rounds) or lora (the same loop with no rounds: the baseline)."""
+    """alora (AB-LoRA rounds), lora (fixed ranks), alora-dnas (gate values as scores),
+    alora-sensi (AdaLoRA's sensitivity as scores), adalora (peft's AdaLoRA) or sora (L1 gates)."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     """Module names (suffixes) or regular expressions to adapt."""
     rank_budget: int | None = None
@@ -125,6 +134,18 @@ class TrainConfig:
     """Log to metrics.jsonl every this many optimizer steps."""
     dist_timeout: int = 600
     """Seconds a collective may wait before the run fails instead of hanging."""
+    save_steps: int = 0
+    """Checkpoint every this many optimizer steps (0: only at round boundaries and the end)."""
+    save_total_limit: int = 2
+    """Checkpoints kept in output_dir/checkpoints (the newest ones)."""
+    resume_from_checkpoint: str | None = None
+    """auto (the latest checkpoint in output_dir, if any) or a checkpoint directory."""
+    skip_nonfinite: bool = False
+    """Skip an optimizer step whose loss is NaN or inf (counted) instead of stopping the run."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Metric sinks besides metrics.jsonl: tensorboard, wandb (when installed), or none."""
+    progress_bar: bool = True
+    """A tqdm progress bar on rank 0 (loss, lr, tokens/s, ETA; scoring rounds get their own)."""
     local_rank: int = -1
     """Set by the deepspeed launcher; do not set it yourself."""
 
@@ -246,7 +267,10 @@ def validate(config: TrainConfig) -> None:
 
     need(bool(config.output_dir), "--output_dir is required")
     need(bool(config.ds_config), "--ds_config is required (e.g. ds_configs/zero3.json)")
-    need(config.method in ("alora", "lora"), f"--method {config.method!r} is not alora or lora")
+    need(
+        config.method in METHODS,
+        f"--method {config.method!r} is not one of {', '.join(METHODS)}",
+    )
     need(config.scoring in ("fast", "naive"), f"--scoring {config.scoring!r} is not fast or naive")
     need(
         config.scoring_max_rows >= 0,
@@ -302,6 +326,16 @@ def validate(config: TrainConfig) -> None:
         f"--scoring_batch_size must be positive, got {config.scoring_batch_size}",
     )
     need(config.dist_timeout > 0, f"--dist_timeout must be positive, got {config.dist_timeout}")
+    need(config.save_steps >= 0, f"--save_steps must be >= 0, got {config.save_steps}")
+    need(
+        config.save_total_limit > 0,
+        f"--save_total_limit must be positive, got {config.save_total_limit}",
+    )
+    unknown_sinks = sorted(set(config.report_to) - {"tensorboard", "wandb", "none"})
+    need(
+        not unknown_sinks,
+        f"--report_to {','.join(unknown_sinks)} is not tensorboard, wandb or none",
+    )
 
 
 def to_json(config: TrainConfig) -> dict[str, Any]:
