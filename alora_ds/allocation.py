@@ -32,6 +32,21 @@ class RoundPlan:
         return data
 
 
+class NonFiniteScore(ArithmeticError):
+    """An importance score is NaN or infinite: no allocation can be trusted from it."""
+
+
+def check_scores(scores: Mapping[str, Sequence[float]]) -> None:
+    """Refuse a round whose scores are not all finite, naming the first bad (module, rank)."""
+    for name in sorted(scores):
+        for index, value in enumerate(scores[name]):
+            if not math.isfinite(value):
+                raise NonFiniteScore(
+                    f"the importance score of {name} rank {index} is {value}: the validation "
+                    "loss with that rank switched off is not finite"
+                )
+
+
 def resolve_prune_count(n_prune: float, live_ranks: int) -> int:
     """n_A as a plain count (an int, paper default 7) or as a fraction of the live ranks (0 < f < 1).
 

@@ -24,7 +24,6 @@ import yaml
 from alora_ds.errors import InputError
 from alora_ds.inject import LLAMA_TARGET_MODULES
 
-
 METHODS = ("alora", "lora", "alora-dnas", "alora-sensi", "adalora", "sora")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from alora_ds.errors import InputError
+from alora_ds.files import decode_utf8
 
 IGNORE_INDEX = -100
 
@@ -57,8 +58,11 @@ def load_tokenized_jsonl(path: str | Path, num_examples: int | None = None) -> l
         raise InputError(f"num_examples must be positive, got {num_examples}")
     rows: list[Example] = []
     available = 0
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    # Read as bytes and decoded line by line: a file of any size, and a byte that is not UTF-8
+    # is reported with its line.
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = decode_utf8(raw, path, first_line=line_number)
             if not line.strip():
                 continue
             available += 1

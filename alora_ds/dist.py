@@ -55,6 +55,14 @@ from alora_ds.scoring import (
 ADAM_STATE_KEYS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
 
 
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because a peer died or stayed silent past the
+    timeout: NCCL raises DistError subclasses, gloo a plain RuntimeError from its transport."""
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and "gloo/transport" in str(exc)
+    )
+
+
 class AllocationMismatch(RuntimeError):
     """Processes disagree on the plan or on the rebuilt adapters: the run cannot go on."""
 
@@ -553,18 +561,97 @@ def rebuild_engine(
         first = next(iter(new_states.values()))
         first.values["lora_A"].add_(1.0)
     check_agreement(info, round_index, plan, new_states)
+    return install_adapter_states(engine, model, ds_config, settings, info, new_states, step)
+
+
+def install_adapter_states(
+    engine: deepspeed.DeepSpeedEngine,
+    model: nn.Module,
+    ds_config: Mapping[str, Any],
+    settings: OptimizerSettings,
+    info: DistInfo,
+    states: Mapping[str, AdapterState],
+    step: int,
+) -> deepspeed.DeepSpeedEngine:
+    """Replace every adapter (any rank) with `states` and continue Adam at `step`: the engine is
+    re-created, which partitions the new adapters, then the exact masters and moments are
+    written back. Every process must pass the same states."""
+    modules = gated_modules(model)
     destroy_engine(engine, model)
     dtype = model_dtype(ds_config)
     for name, module in modules.items():
-        state = new_states[name]
+        state = states[name]
         module.set_adapter_tensors(
             state.values["lora_A"].to(info.device, dtype),
             state.values["lora_B"].to(info.device, dtype),
             state.gate.to(info.device, dtype),
         )
     new_engine = create_engine(model, ds_config, settings)
-    write_adapter_states(new_engine, modules, new_states, step)
+    write_adapter_states(new_engine, modules, states, step)
     return new_engine
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def flatten_states(states: Mapping[str, AdapterState]) -> dict[str, torch.Tensor]:
+    """AdapterStates as flat safetensors entries: `<module>.<param>`, `<module>.<param>.<moment>`
+    and `<module>.lora_gate`."""
+    flat: dict[str, torch.Tensor] = {}
+    for name, state in states.items():
+        for pname in ADAPTER_PARAM_NAMES:
+            flat[f"{name}.{pname}"] = state.values[pname]
+            for key in ADAM_STATE_KEYS:
+                flat[f"{name}.{pname}.{key}"] = state.moments[pname][key]
+        flat[f"{name}.lora_gate"] = state.gate
+    return flat
+
+
+def unflatten_states(
+    flat: Mapping[str, torch.Tensor], names: Sequence[str], source: str
+) -> dict[str, AdapterState]:
+    """The inverse of flatten_states, for exactly the modules `names`."""
+    missing = [n for n in names if f"{n}.lora_gate" not in flat]
+    if missing:
+        raise ValueError(f"{source} holds no adapter for module {missing[0]}")
+    return {
+        name: AdapterState(
+            values={p: flat[f"{name}.{p}"] for p in ADAPTER_PARAM_NAMES},
+            moments={
+                p: {key: flat[f"{name}.{p}.{key}"] for key in ADAM_STATE_KEYS}
+                for p in ADAPTER_PARAM_NAMES
+            },
+            gate=flat[f"{name}.lora_gate"],
+        )
+        for name in names
+    }
+
+
+def gathered_training_state(
+    engine: deepspeed.DeepSpeedEngine, model: nn.Module, info: DistInfo
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What a checkpoint holds, on every process (collective): the full fp32 adapters and Adam
+    moments, and every process's generator states (`cpu.<rank>`, `cuda.<rank>`)."""
+    tensors = flatten_states(read_adapter_states(engine, gated_modules(model)))
+    own = {"cpu": torch.get_rng_state()}
+    if info.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(info.device)
+    rng: dict[str, torch.Tensor] = {}
+    for kind, state in own.items():
+        for rank, gathered_state in enumerate(all_gather_tensor(state.to(info.device))):
+            rng[f"{kind}.{rank}"] = gathered_state.cpu()
+    return tensors, rng
+
+
+def restore_rng(rng: Mapping[str, torch.Tensor], info: DistInfo) -> bool:
+    """Put this process's generator states back; False when the checkpoint has none for this
+    process (it was written by a different number of processes)."""
+    if f"cpu.{info.rank}" not in rng or f"cpu.{info.world_size}" in rng:
+        return False
+    torch.set_rng_state(rng[f"cpu.{info.rank}"])
+    if info.device.type == "cuda" and f"cuda.{info.rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.{info.rank}"], info.device)
+    return True
 
 
 @torch.no_grad()

@@ -7,21 +7,43 @@ one-line message that names the file, field or value. Command-line entry points 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 EXIT_INPUT_ERROR = 2
+EXIT_RUN_FAILURE = 1
 
 
 class InputError(ValueError):
     """Bad input from the user: a one-line message naming the file, field or value."""
 
 
+class RunFailure(RuntimeError):
+    """A run that cannot go on (non-finite loss, full disk, lost process): one line saying what
+    happened and what is left to resume from."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (a mistyped flag, a value of the wrong type, a missing argument)
+    raise InputError instead of printing the usage and exiting, so they reach the user as the
+    same one `error: ...` line as every other bad input. `--help` still prints and exits."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{self.prog}: {message} (see --help)")
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a CLI `main`, turning an InputError into one line on stderr and exit status 2."""
+    """Run a CLI `main`, turning an InputError into one line on stderr and exit status 2, and a
+    RunFailure into one line and exit status 1."""
     try:
         return main(argv)
     except InputError as exc:
         message = " ".join(str(exc).split("\n"))
         print(f"error: {message}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except RunFailure as exc:
+        message = " ".join(str(exc).split("\n"))
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_RUN_FAILURE

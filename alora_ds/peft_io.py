@@ -13,11 +13,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError  # the error type only: nothing here unpickles
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from alora_ds.errors import InputError
+from alora_ds.files import read_utf8
 from alora_ds.inject import wrap_modules
 from alora_ds.lora import GatedLoRALinear
 
@@ -62,7 +66,7 @@ def _read_config(adapter_dir: Path) -> dict:
     if not config_path.is_file():
         raise InputError(f"adapter directory {adapter_dir} has no {CONFIG_NAME}")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(read_utf8(config_path))
     except json.JSONDecodeError as exc:
         raise InputError(f"{config_path} is not valid JSON ({exc.msg})") from exc
     if not isinstance(config, dict):
@@ -87,13 +91,35 @@ def _read_config(adapter_dir: Path) -> dict:
 
 
 def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    if (adapter_dir / SAFETENSORS_NAME).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(adapter_dir / SAFETENSORS_NAME))
-    if (adapter_dir / BIN_NAME).is_file():
-        return torch.load(adapter_dir / BIN_NAME, map_location="cpu", weights_only=True)
+    """The adapter's tensors. Only formats that cannot run code are read: safetensors, or a
+    torch checkpoint with weights_only=True (plain tensors and containers, no arbitrary pickle)."""
+    safetensors_file, bin_file = adapter_dir / SAFETENSORS_NAME, adapter_dir / BIN_NAME
+    if safetensors_file.is_file():
+        try:
+            return load_file(str(safetensors_file))
+        except (SafetensorError, OSError) as exc:
+            raise InputError(
+                f"{safetensors_file} is not a readable safetensors file ({_first_line(exc)})"
+            ) from exc
+    if bin_file.is_file():
+        try:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except (UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+            raise InputError(
+                f"{bin_file} is not a readable weights-only torch checkpoint "
+                f"({type(exc).__name__}); save the adapter as {SAFETENSORS_NAME}"
+            ) from exc
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise InputError(f"{bin_file}: expected a dict of tensors")
+        return state
     raise InputError(f"adapter directory {adapter_dir} has no {SAFETENSORS_NAME} (or {BIN_NAME})")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_peft_adapter(adapter_dir: str | Path) -> PeftLoraAdapter:

@@ -17,15 +17,15 @@ from collections.abc import Sequence
 import torch
 
 from alora_ds.data import load_tokenized_jsonl, make_batches
-from alora_ds.errors import InputError, run_cli
-from alora_ds.files import atomic_write_json
+from alora_ds.errors import ArgumentParser, InputError, run_cli
+from alora_ds.files import atomic_write_json, check_output_file
 from alora_ds.modeling import DTYPES, empty_causal_lm, load_causal_lm, parse_dtype
 from alora_ds.peft_io import check_adapter_fits, load_peft_adapter, read_peft_adapter
 from alora_ds.scoring import ab_lora_scores
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m alora_ds.score",
         description="AB-LoRA importance of every rank of a PEFT LoRA adapter.",
     )
@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     examples = load_tokenized_jsonl(args.data, args.num_examples)
     if args.batch_size <= 0:
         raise InputError(f"--batch_size must be positive, got {args.batch_size}")
+    check_output_file(args.output, "--output")
     skeleton = empty_causal_lm(args.model_name_or_path)
     check_adapter_fits(adapter, skeleton)
     vocab = skeleton.get_input_embeddings().num_embeddings

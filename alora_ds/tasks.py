@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerFast
 
 from alora_ds.data import IGNORE_INDEX
 from alora_ds.errors import InputError
+from alora_ds.files import read_utf8
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -501,7 +502,7 @@ def load_task_rows(path: str | Path) -> list[dict[str, Any]]:
             f"data file {path}: unsupported extension {path.suffix!r} "
             f"(use one of {', '.join(sorted(_FORMATS))})"
         )
-    text = "" if builder == "parquet" else path.read_text(encoding="utf-8")
+    text = "" if builder == "parquet" else read_utf8(path)
     # Checked before any reader, which would fail on an empty file with a less useful message.
     if path.stat().st_size == 0 or (builder != "parquet" and not text.strip()):
         raise TaskDataError(f"{path}: no rows")
@@ -511,7 +512,10 @@ def load_task_rows(path: str | Path) -> list[dict[str, Any]]:
         pyarrow_parquet = _optional_module("pyarrow.parquet")
         if pyarrow_parquet is None:
             raise InputError(f"reading {path} needs pyarrow (pip install pyarrow)")
-        rows = pyarrow_parquet.read_table(path).to_pylist()
+        try:
+            rows = pyarrow_parquet.read_table(path).to_pylist()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise TaskDataError(f"{path}: not a readable parquet file ({exc})") from exc
     elif builder == "csv":
         rows = _rows_from_csv(text)
     else:

@@ -45,8 +45,14 @@ from urllib.parse import urlsplit
 
 import openai
 
-from alora_ds.errors import InputError, run_cli
-from alora_ds.files import atomic_write_json, atomic_write_text
+from alora_ds.errors import ArgumentParser, InputError, run_cli
+from alora_ds.files import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_file,
+    check_output_location,
+    read_utf8,
+)
 from eval.metrics import iter_jsonl, rouge_l
 
 # FastChat's categories whose judge prompt includes a reference answer (llm_judge/common.py).
@@ -293,7 +299,7 @@ class JudgeCache:
         # After a torn last line, the next record must start on a line of its own.
         self._torn = False
         if self.path is not None and self.path.is_file():
-            text = self.path.read_text(encoding="utf-8")
+            text = read_utf8(self.path)
             self._torn = bool(text) and not text.endswith("\n")
             for line in text.splitlines():
                 try:
@@ -373,8 +379,11 @@ class JudgeClient:
         )
 
     def _describe(self, exc: Exception) -> str:
-        # An error body may echo request headers; the key must never reach a file or log.
-        text = f"{type(exc).__name__}: {exc}".replace(self._secret, "***")
+        # An error body may echo request headers (verbatim or JSON-escaped); the key must never
+        # reach a file or log. Redacted before the text is cut, so no partial key survives.
+        text = f"{type(exc).__name__}: {exc}"
+        for form in {self._secret, json.dumps(self._secret)[1:-1]}:
+            text = text.replace(form, "***")
         return " ".join(text.split())[:500]
 
     def complete(self, messages: Sequence[Mapping[str, str]]) -> CallResult:
@@ -736,9 +745,7 @@ def rouge_l_against_references(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.judge", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m eval.judge", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     pairwise = commands.add_parser(
         "pairwise", help="the paper's side-by-side scores, both orders averaged (2 systems)"
@@ -814,6 +821,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Judge (or ROUGE-score) answer files and print the summary; exit 1 if calls failed."""
     args = _parse_args(argv)
     turns = sorted(set(args.turns))
+    # Every input is checked before a judge call is paid for or a file is written.
+    if args.command == "rouge":
+        if args.output is not None:
+            check_output_file(args.output, "--output")
+    else:
+        for flag, value, least in (
+            ("--parallel", args.parallel, 1),
+            ("--max-tokens", args.max_tokens, 1),
+            ("--max-retries", args.max_retries, 0),
+        ):
+            if value < least:
+                raise InputError(f"{flag} must be at least {least}, got {value}")
+        if not args.timeout > 0:
+            raise InputError(f"--timeout must be positive, got {args.timeout}")
+        api = urlsplit(args.api_base)
+        if api.scheme not in ("http", "https") or not api.hostname:
+            raise InputError(
+                f"--api-base {args.api_base!r} is not an http(s) URL "
+                "(e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1)"
+            )
+        check_output_location(args.output_dir, "--output-dir", inside=True)
+        if args.cache is not None:
+            check_output_file(args.cache, "--cache")
     questions = load_questions(args.questions)
     systems = _answers_by_system(args.answers)
     if args.command == "rouge":

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from alora_ds.errors import InputError, run_cli
+from alora_ds.errors import ArgumentParser, InputError, run_cli
 from alora_ds.export import atomic_output_dir, check_replaceable
-from alora_ds.modeling import DTYPES, empty_causal_lm, load_causal_lm, parse_dtype
+from alora_ds.files import check_output_location
+from alora_ds.modeling import DTYPES, parse_dtype
 from alora_ds.peft_io import PeftLoraAdapter, check_adapter_fits, read_peft_adapter
 
 # Files a tokenizer may consist of (LLaMA: tokenizer.model / tokenizer.json plus the configs).
@@ -63,6 +65,55 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise InputError(f"--max_shard_size {text!r} must be positive")
     return size
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def base_skeleton(model_name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
+    """The base architecture on the meta device (no weights), to check an adapter against.
+
+    Code shipped with the model runs only with `trust_remote_code`: False is passed explicitly,
+    since transformers' default (None) asks on the terminal and runs the code on a "y".
+    """
+    if model_name_or_path.startswith((".", "/")) and not Path(model_name_or_path).exists():
+        raise InputError(f"model directory {model_name_or_path} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise InputError(
+                f"model {model_name_or_path} ships its own Python code, which runs only with "
+                "--trust_remote_code"
+            ) from exc
+        raise InputError(f"cannot load model {model_name_or_path!r}: {first_line(exc)}") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_base(
+    model_name_or_path: str,
+    dtype: torch.dtype,
+    *,
+    attn_implementation: str = "sdpa",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """The base model's weights (safetensors, or weights-only checkpoints: transformers never
+    unpickles them); code shipped with the model runs only with `trust_remote_code`."""
+    placement: dict[str, str] = {"device_map": device_map} if device_map else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **placement,
+        )
+    except OSError as exc:
+        raise InputError(f"cannot load model {model_name_or_path!r}: {first_line(exc)}") from exc
 
 
 def check_mergeable(adapter: PeftLoraAdapter, model: nn.Module) -> None:
@@ -121,7 +172,7 @@ def copy_tokenizer_files(base_dir: Path, out_dir: Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m eval.merge",
         description="Merge a PEFT LoRA adapter into its base model and save a full checkpoint.",
     )
@@ -136,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_shard_size", default="5GB", help="largest safetensors shard (5GB, 500MB, 2GiB)"
+    )
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run Python code shipped with the base model (off: transformers' own code)",
     )
     return parser
 
@@ -156,10 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Every check that needs no weights comes first: reading the adapter, fitting it to the
     # architecture on the meta device, and the output path.
     adapter = read_peft_adapter(adapter_dir)
-    check_mergeable(adapter, empty_causal_lm(args.model_name_or_path))
+    check_mergeable(adapter, base_skeleton(args.model_name_or_path, args.trust_remote_code))
     check_replaceable(out_dir, "config.json")
+    # The merged checkpoint is renamed into place: its parent must be a writable directory.
+    check_output_location(out_dir, "--output_dir", inside=False)
 
-    model = load_causal_lm(args.model_name_or_path, dtype)
+    model = load_base(args.model_name_or_path, dtype, trust_remote_code=args.trust_remote_code)
     merge_adapter(model, adapter)
     with atomic_output_dir(out_dir, marker="config.json") as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)

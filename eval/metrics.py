@@ -15,7 +15,6 @@ All scores are in 0-100. HF `evaluate.load` is not used: its metric scripts live
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,8 +31,8 @@ from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
-from alora_ds.errors import InputError, run_cli
-from alora_ds.files import atomic_write_json
+from alora_ds.errors import ArgumentParser, InputError, run_cli
+from alora_ds.files import atomic_write_json, check_output_file, read_utf8
 
 LABELS: dict[str, tuple[str, ...]] = {
     "sst2": ("positive", "negative"),
@@ -289,10 +288,7 @@ def iter_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; InputError names the file and bad line."""
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    text = read_utf8(path)
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other separators.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -315,9 +311,7 @@ def read_jsonl(path: Path, what: str = "predictions") -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Re-score a predictions file and print the metrics as JSON (optionally write them)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.metrics", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m eval.metrics", description=__doc__.split("\n")[0])
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}")
     parser.add_argument(
         "--predictions",
@@ -329,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.task not in TASKS:  # checked before reading a possibly large file
         raise InputError(f"unknown task {args.task!r}; known tasks: {', '.join(TASKS)}")
+    if args.output is not None:
+        check_output_file(args.output, "--output")
     rows = read_jsonl(args.predictions)
     try:
         metrics = compute_metrics(args.task, rows)

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from alora_ds.errors import InputError, run_cli
-from alora_ds.files import atomic_write_text
+from alora_ds.errors import ArgumentParser, InputError, run_cli
+from alora_ds.files import atomic_write_text, check_output_file, read_utf8
 from alora_ds.modeling import DTYPES, parse_dtype
 from alora_ds.tasks import TASKS, tokenize_prompt
 from eval.judge import Question, load_questions
@@ -177,7 +177,7 @@ def read_answer_file(path: Path, model_id: str) -> tuple[set[int], str | None]:
         return set(), None
     if not path.is_file():
         raise InputError(f"--output {path} is not a file")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_utf8(path).split("\n")
     done: set[int] = set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -231,7 +231,7 @@ def fastchat_answer(question: Question, model_id: str, turns: Sequence[str]) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m eval.mt_bench",
         description="MT-Bench answers from a model under test (judge them with eval.judge).",
     )
@@ -262,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype")
     generate.add_argument("--device_map", help="passed to from_pretrained, e.g. auto")
     generate.add_argument("--seed", type=int, default=42, help="torch seed")
+    generate.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run Python code shipped with the model or tokenizer (off: transformers' own code)",
+    )
     return parser
 
 
@@ -293,16 +298,22 @@ def generate_answers(args: argparse.Namespace) -> int:
     )
     dtype = parse_dtype(args.dtype)
     done, repaired = read_answer_file(args.output, args.model_id)
+    check_output_file(args.output, "--output")
     pending = [q for q in questions if q.question_id not in done]
-    adapter = check_adapter_for_base(args.model_name_or_path, args.adapter)
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    adapter = check_adapter_for_base(args.model_name_or_path, args.adapter, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)
     if not pending:
         print(f"all {len(questions)} questions already answered in {args.output}")
         return 0
 
     model = load_eval_model(
-        args.model_name_or_path, adapter, dtype, default_device(), args.device_map
+        args.model_name_or_path,
+        adapter,
+        dtype,
+        default_device(),
+        args.device_map,
+        trust_remote_code=args.trust_remote_code,
     )
     if repaired is not None:
         atomic_write_text(args.output, repaired)  # drop the torn line before appending

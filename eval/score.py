@@ -51,19 +51,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
-from alora_ds.errors import EXIT_INPUT_ERROR, InputError, run_cli
-from alora_ds.files import atomic_write_json, atomic_write_text
-from alora_ds.modeling import (
-    DTYPES,
-    empty_causal_lm,
-    parse_dtype,
-    resolve_attn_implementation,
-)
+from alora_ds.errors import EXIT_INPUT_ERROR, ArgumentParser, InputError, run_cli
+from alora_ds.files import atomic_write_json, atomic_write_text, check_output_location
+from alora_ds.modeling import DTYPES, parse_dtype, resolve_attn_implementation
 from alora_ds.peft_io import PeftLoraAdapter, read_peft_adapter
 from alora_ds.tasks import format_example, get_task, load_task_rows, references, tokenize_prompt
-from eval.merge import check_mergeable, merge_adapter
+from eval.merge import base_skeleton, check_mergeable, first_line, load_base, merge_adapter
 from eval.metrics import TASKS as SCORED_TASKS
 from eval.metrics import compute_metrics
 
@@ -152,11 +147,13 @@ def make_decoding(
 # ----------------------------------------------------------------------------- model
 
 
-def check_adapter_for_base(model_name_or_path: str, adapter: str | None) -> PeftLoraAdapter | None:
+def check_adapter_for_base(
+    model_name_or_path: str, adapter: str | None, trust_remote_code: bool = False
+) -> PeftLoraAdapter | None:
     """Read the adapter and check it against the base architecture built on the meta device
     (no weights loaded): a module missing from the base or of another shape is an InputError
     naming it. Returns the adapter (None without one)."""
-    skeleton = empty_causal_lm(model_name_or_path)  # also checks that the base exists
+    skeleton = base_skeleton(model_name_or_path, trust_remote_code)
     if adapter is None:
         return None
     peft_adapter = read_peft_adapter(adapter)
@@ -164,14 +161,16 @@ def check_adapter_for_base(model_name_or_path: str, adapter: str | None) -> Peft
     return peft_adapter
 
 
-def load_tokenizer(model_name_or_path: str) -> Any:
-    """The base model's tokenizer; it must define EOS, since generation stops at it."""
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The base model's tokenizer; it must define EOS, since generation stops at it. Code
+    shipped with the tokenizer runs only with `trust_remote_code`."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_name_or_path, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
-            f"cannot load a tokenizer from {model_name_or_path}: {first_line}"
+            f"cannot load a tokenizer from {model_name_or_path}: {first_line(exc)}"
         ) from exc
     if tokenizer.eos_token_id is None:
         raise InputError(f"the tokenizer of {model_name_or_path} has no eos_token")
@@ -191,23 +190,21 @@ def load_eval_model(
     dtype: torch.dtype,
     device: torch.device,
     device_map: str | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """The base in eval mode with the adapter merged in.
 
     With `device_map` (e.g. "auto") transformers places the layers over the visible devices
-    (and the CPU) and `device` is unused.
+    (and the CPU) and `device` is unused. Code shipped with the model runs only with
+    `trust_remote_code`; the weights are read as safetensors or weights-only checkpoints.
     """
-    placement: dict[str, Any] = {"device_map": device_map} if device_map else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path,
-            dtype=dtype,
-            attn_implementation=resolve_attn_implementation("auto"),
-            **placement,
-        )
-    except OSError as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"cannot load model {model_name_or_path!r}: {first_line}") from exc
+    model = load_base(
+        model_name_or_path,
+        dtype,
+        attn_implementation=resolve_attn_implementation("auto"),
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+    )
     if not device_map:
         model.to(device)
     if adapter is not None:
@@ -428,7 +425,7 @@ def leave_process_group() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m eval.score",
         description="Generate a task's responses and score them with the paper's metrics.",
     )
@@ -461,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--device_map", help="passed to from_pretrained, e.g. auto (one process only)"
     )
     parser.add_argument("--seed", type=int, default=42, help="seeds sampling, batch by batch")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run Python code shipped with the model or tokenizer (off: transformers' own code)",
+    )
     parser.add_argument(
         "--dist_timeout", type=int, default=7200, help="seconds a process waits for the others"
     )
@@ -513,9 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"--output_dir {output_dir} is a file")
+    check_output_location(output_dir, "--output_dir", inside=True)
     examples = read_examples(spec.name, args.data, args.max_examples)
-    adapter = check_adapter_for_base(args.model_name_or_path, args.adapter)
-    tokenizer = load_tokenizer(args.model_name_or_path)
+    adapter = check_adapter_for_base(args.model_name_or_path, args.adapter, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
 
     # Identical prompts (E2E: one per reference of a meaning representation) are generated once.
     prompt_index: dict[str, int] = {}
@@ -527,7 +530,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     join_process_group(procs, args.dist_timeout)
     try:
         device = default_device(procs.local_rank)
-        model = load_eval_model(args.model_name_or_path, adapter, dtype, device, args.device_map)
+        model = load_eval_model(
+            args.model_name_or_path,
+            adapter,
+            dtype,
+            device,
+            args.device_map,
+            trust_remote_code=args.trust_remote_code,
+        )
         start = time.perf_counter()
         share = generate_share(
             model, tokenizer, [ids for ids, _ in encoded], batches, procs, decoding, spec.name

@@ -19,10 +19,12 @@ import json
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 # Runnable as `python launch/train.py` and `deepspeed launch/train.py` from anywhere.
@@ -38,10 +40,18 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from alora_ds import dist as D  # noqa: E402
 from alora_ds.allocation import (  # noqa: E402
+    NonFiniteScore,
+    check_scores,
     parameter_count,
     plan_round,
     pruned_by_module,
     resolve_prune_count,
+)
+from alora_ds.checkpoint import (  # noqa: E402
+    find_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
 )
 from alora_ds.config import (  # noqa: E402
     TrainConfig,
@@ -52,9 +62,9 @@ from alora_ds.config import (  # noqa: E402
 )
 from alora_ds.data import IGNORE_INDEX, collate, make_batches  # noqa: E402
 from alora_ds.datasets import build_split, check_task  # noqa: E402
-from alora_ds.errors import InputError, run_cli  # noqa: E402
+from alora_ds.errors import InputError, RunFailure, run_cli  # noqa: E402
 from alora_ds.export import write_peft_adapter  # noqa: E402
-from alora_ds.files import atomic_write_json  # noqa: E402
+from alora_ds.files import atomic_write_json, atomic_write_text  # noqa: E402
 from alora_ds.inject import (  # noqa: E402
     count_parameters,
     find_target_modules,
@@ -80,6 +90,52 @@ from alora_ds.tasks import build_tiny_tokenizer  # noqa: E402
 RUN_MARKER = "config.json"
 # Fault injection for the tests: this process corrupts its rebuilt adapters after round 1.
 CORRUPT_ENV = "ALORA_DS_TEST_CORRUPT_RANK"
+# Fault injection for tests/faults: `<kind>@<point>:<n>[@<rank>]`, see Fault.
+FAULT_ENV = "ALORA_DS_TEST_FAULT"
+# Options that may change when a run is resumed: where and how often it logs and saves, how
+# processes are laid out (the global batch itself must stay), and how long collectives wait.
+RESUME_MAY_DIFFER = frozenset(
+    {
+        "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "local_rank",
+        "dist_timeout", "logging_steps", "save_steps", "save_total_limit", "progress_bar",
+        "report_to", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "skip_nonfinite", "scoring", "scoring_max_rows", "scoring_batch_size",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault the tests inject: `kill` (SIGKILL, as a lost node), `raise` (an exception in one
+    process), `nan` (a non-finite loss) or `disk` (a file-size limit, so the checkpoint write
+    fails as on a full disk), at `step:N` (after optimizer step N; `nan`: in step N),
+    `scoring:N` (round N's ablations done, nothing applied) or `save:N` (the checkpoint of
+    step N, half written); on every process, or on process `rank`."""
+
+    kind: str
+    point: str
+    at: int
+    rank: int | None
+
+    @staticmethod
+    def parse(text: str | None) -> Fault | None:
+        if not text:
+            return None
+        kind, where, *rank = text.split("@")
+        point, at = where.split(":")
+        return Fault(kind, point, int(at), int(rank[0]) if rank else None)
+
+    def hits(self, kind: str, point: str, at: int, rank: int) -> bool:
+        return (self.kind, self.point, self.at) == (kind, point, at) and self.rank in (None, rank)
+
+
+def fire(fault: Fault | None, kind: str, point: str, at: int, rank: int) -> None:
+    """Carry out an injected `kill` or `raise` fault when it is due."""
+    if fault is None or not fault.hits(kind, point, at, rank):
+        return
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault at {point} {at} on process {rank}")
 
 
 def log(info: D.DistInfo | None, message: str) -> None:
@@ -96,6 +152,35 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
             f"output_dir {output_dir} already holds another run; pass --overwrite_output_dir "
             "to replace it or choose another directory"
         )
+
+
+def check_resume_config(output_dir: Path, cfg: TrainConfig, global_batch: int) -> None:
+    """A run is resumed with the options it was started with (RESUME_MAY_DIFFER aside)."""
+    marker = output_dir / RUN_MARKER
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot resume: {marker} cannot be read ({exc})") from exc
+    for key, value in to_json(cfg).items():
+        if key not in RESUME_MAY_DIFFER and key in saved and saved[key] != value:
+            raise InputError(
+                f"cannot resume: --{key} is {value!r} but the run in {output_dir} was started "
+                f"with {saved[key]!r}; resume with the same value"
+            )
+    started = saved.get("resolved", {}).get("global_batch", global_batch)
+    if started != global_batch:
+        raise InputError(
+            f"cannot resume: the global batch is {global_batch} but the run was started with "
+            f"{started}; set --gradient_accumulation_steps so that micro batch x accumulation x "
+            "processes is the same"
+        )
+
+
+def limit_file_size(limit: int) -> None:
+    """For the `disk` fault: files cannot grow past `limit` bytes from now on, so the next
+    write fails with a real OSError (EFBIG) as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -130,11 +215,31 @@ def module_type(name: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return train(argv)
+    except RuntimeError as exc:
+        if not D.is_collective_failure(exc):
+            raise
+        # A peer died or stopped answering within --dist_timeout: say so in one line.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunFailure(
+            f"lost contact with another process ({first}); resume with "
+            "--resume_from_checkpoint auto"
+        ) from exc
+
+
+def train(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
 
     # ---- every input is checked before anything is started or written ------------------
     output_dir = Path(cfg.output_dir)
-    check_output_dir(output_dir, cfg.overwrite_output_dir)
+    resume_path = (
+        find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+        if cfg.resume_from_checkpoint and not cfg.overwrite_output_dir
+        else None
+    )
+    if resume_path is None:
+        check_output_dir(output_dir, cfg.overwrite_output_dir)
     # Under srun nothing has set WORLD_SIZE yet: map Slurm's variables first (a no-op under
     # deepspeed or torchrun, which set RANK).
     os.environ.update(D.slurm_environment(os.environ))
@@ -142,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds_config = resolve_batch_sizes(load_ds_config(cfg.ds_config), cfg, world_size, cfg.ds_config)
     dtype = D.model_dtype(ds_config)
     check_task(cfg.task)
+    if cfg.method not in ("alora", "lora"):
+        raise InputError(f"--method {cfg.method} is not implemented in this version")
     tokenizer = load_tokenizer(cfg)
     train_examples, train_stats = build_split(
         cfg.task, cfg.train_file, "train", tokenizer, cfg.max_seq_length, cfg.dataset_name
@@ -150,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.task, cfg.validation_file, "validation", tokenizer, cfg.max_seq_length, cfg.dataset_name
     )
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    if resume_path is not None:
+        check_resume_config(output_dir, cfg, global_batch)
+    if cfg.skip_nonfinite and cfg.gradient_accumulation_steps > 1:
+        raise InputError(
+            "--skip_nonfinite needs --gradient_accumulation_steps 1 (a step whose gradients are "
+            f"already partly accumulated cannot be dropped), got {cfg.gradient_accumulation_steps}"
+        )
     rounds = cfg.num_rounds if cfg.method == "alora" else 0
     schedule = make_schedule(
         len(train_examples),
@@ -210,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"steps, warm-up {schedule.warmup_steps}, rounds after steps {list(schedule.round_after)}",
     )
 
-    if info.is_main:
+    if info.is_main and resume_path is None:
         if output_dir.exists() and cfg.overwrite_output_dir:
             shutil.rmtree(output_dir)
         (output_dir / "allocation").mkdir(parents=True)
@@ -246,12 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_name = cfg.model_name_or_path
     if random_init:  # saved once, so every adapter can be loaded by peft on its own
         base_dir = output_dir / "base_model"
-        state = D.full_state_dict(model, info)
-        if info.is_main:
-            model.save_pretrained(base_dir, state_dict=state)
-            tokenizer.save_pretrained(base_dir)
+        if resume_path is None:
+            state = D.full_state_dict(model, info)
+            if info.is_main:
+                model.save_pretrained(base_dir, state_dict=state)
+                tokenizer.save_pretrained(base_dir)
+            del state
         base_name = str(base_dir.resolve())
-        del state
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -301,14 +416,86 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         D.barrier()
 
-    # ---- the loop -----------------------------------------------------------------------------
+    # ---- the loop state, fresh or from a checkpoint --------------------------------------------
     history: list[dict] = []  # per round: ranks and scores (the adapter metadata)
     best_loss, evals_without_gain, round_index = float("inf"), 0, 0
-    corrupt_rank = int(os.environ.get(CORRUPT_ENV, "-1"))
-    tokens_seen, window_start = 0.0, time.perf_counter()
-    run_start, all_tokens = time.perf_counter(), 0.0
+    start_step, skipped_steps, earlier_wall_s, all_tokens = 0, 0, 0.0, 0.0
     metrics_file = output_dir / "metrics.jsonl"
-    for step in range(schedule.total_steps):
+    if resume_path is not None:
+        checkpoint = read_checkpoint(resume_path)
+        saved = checkpoint.state
+        try:
+            states = D.unflatten_states(checkpoint.tensors, list(modules), str(resume_path))
+        except ValueError as exc:
+            raise InputError(f"cannot resume: {exc}") from exc
+        engine = D.install_adapter_states(
+            engine, model, ds_config, settings, info, states, saved["optimizer_step"]
+        )
+        modules = D.gated_modules(model)
+        assert rank_map(model) == saved["rank_map"]
+        same_rng = D.restore_rng(checkpoint.rng, info)
+        start_step, round_index = saved["step"], saved["round_index"]
+        history, best_loss = saved["history"], saved["best_loss"]
+        evals_without_gain, skipped_steps = saved["evals_without_gain"], saved["skipped_steps"]
+        earlier_wall_s, all_tokens = saved["wall_s"], saved["tokens"]
+        if info.is_main:  # what the interrupted run logged after its checkpoint is redone
+            kept = [
+                line
+                for line in metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step
+            ] if metrics_file.exists() else []  # fmt: skip
+            atomic_write_text(metrics_file, "".join(f"{line}\n" for line in kept))
+            for stale in (output_dir / "allocation").glob("*round_*"):
+                if int(stale.stem.rsplit("_", 1)[1]) > round_index:
+                    stale.unlink()
+        log(
+            info,
+            f"resumed from {resume_path} at step {start_step}, round {round_index}"
+            + ("" if same_rng else "; random generators re-seeded (different process count)"),
+        )
+        if not same_rng:
+            torch.manual_seed(cfg.seed + start_step)
+        del checkpoint, states
+
+    def save(done: int) -> None:
+        """A checkpoint of everything the loop needs to go on from step `done` (collective)."""
+        tensors, rng = D.gathered_training_state(engine, model, info)
+        state = {
+            "step": done, "round_index": round_index, "rank_map": rank_map(model),
+            "history": history, "best_loss": best_loss, "evals_without_gain": evals_without_gain,
+            "optimizer_step": D.optimizer_step_count(engine), "skipped_steps": skipped_steps,
+            "world_size": info.world_size, "global_batch": global_batch,
+            "tokens": all_tokens, "wall_s": earlier_wall_s + time.perf_counter() - run_start,
+        }  # fmt: skip
+        failure = None
+        if info.is_main:
+            if fault is not None and fault.hits("disk", "save", done, info.rank):
+                limit_file_size(4096)
+            try:
+                write_checkpoint(
+                    output_dir, done, tensors, rng, state, keep=cfg.save_total_limit,
+                    fault="kill" if fault and fault.hits("kill", "save", done, 0) else None,
+                )  # fmt: skip
+            except OSError as exc:
+                failure = f"{exc.strerror or exc} ({exc.filename or output_dir})"
+        if not D.all_agree(failure is None, info.device):
+            raise RunFailure(
+                f"could not write the checkpoint of step {done}: {failure or 'see process 0'}; "
+                f"{last_checkpoint()}"
+            )
+
+    def last_checkpoint() -> str:
+        previous = list_checkpoints(output_dir)
+        if not previous:
+            return "no checkpoint has been written yet"
+        return f"the last good checkpoint is {previous[-1]}"
+
+    # ---- the loop -----------------------------------------------------------------------------
+    corrupt_rank = int(os.environ.get(CORRUPT_ENV, "-1"))
+    fault = Fault.parse(os.environ.get(FAULT_ENV))
+    tokens_seen, window_start = 0.0, time.perf_counter()
+    run_start = time.perf_counter()
+    for step in range(start_step, schedule.total_steps):
         model.train()
         D.set_learning_rate(engine, schedule.lr_at(step, cfg.learning_rate))
         for indices in micro_batch_indices(
@@ -326,12 +513,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for k, v in collate([train_examples[i] for i in indices], pad_id).items()
             }
             loss = engine(**batch).loss  # mean over this micro-batch's supervised tokens
+            if fault is not None and fault.hits("nan", "step", step + 1, info.rank):
+                loss = loss * float("nan")
+            # One process's NaN must stop (or skip) every process: agree before the backward.
+            if not D.all_agree(bool(torch.isfinite(loss.detach())), info.device):
+                if not cfg.skip_nonfinite:
+                    raise RunFailure(
+                        f"the loss is not finite at step {step + 1}; {last_checkpoint()}; resume "
+                        "from it with a lower --learning_rate, or pass --skip_nonfinite to skip "
+                        "such steps"
+                    )
+                # gradient_accumulation_steps is 1 (checked at start): nothing is accumulated
+                # yet, so leaving out backward and step leaves weights and Adam untouched.
+                skipped_steps += 1
+                log(
+                    info, f"step {step + 1}: non-finite loss, step skipped ({skipped_steps} so far)"
+                )
+                break
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
             tokens_seen += float(batch["attention_mask"].sum())
             all_tokens += float(batch["attention_mask"].sum())
         done = step + 1
         record: dict = {}
+        fire(fault, "kill", "step", done, info.rank)
+        fire(fault, "raise", "step", done, info.rank)
 
         if round_index < len(schedule.round_after) and done == schedule.round_after[round_index]:
             round_index += 1
@@ -350,6 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_rows=cfg.scoring_max_rows,
                 engine=engine,
             )
+            fire(fault, "kill", "scoring", round_index, info.rank)
+            try:
+                check_scores(scores.importance)
+            except NonFiniteScore as exc:
+                raise RunFailure(f"round {round_index}: {exc}; {last_checkpoint()}") from exc
             importance = scores.importance
             live = sum(len(v) for v in importance.values())
             n_prune = resolve_prune_count(cfg.prune_per_round, live)
@@ -433,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             record = {
                 "step": done,
                 "epoch": round(done / schedule.steps_per_epoch, 4),
-                "loss": float(loss.detach()),
+                "loss": float(loss.detach()) if torch.isfinite(loss.detach()) else None,
+                **({"skipped_steps": skipped_steps} if skipped_steps else {}),
                 "lr": schedule.lr_at(step, cfg.learning_rate),
                 "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
                 **record,
@@ -449,6 +661,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for k, v in record.items()
                 ),
             )
+        round_boundary = "round" in record
+        if done < schedule.total_steps and (
+            round_boundary or (cfg.save_steps and done % cfg.save_steps == 0)
+        ):
+            save(done)
         if evals_without_gain >= cfg.patience:
             log(
                 info,
@@ -458,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     export(output_dir / "adapter", history)
     final = rank_map(model)
-    wall_s = time.perf_counter() - run_start
+    wall_s = earlier_wall_s + time.perf_counter() - run_start
     peak = (
         torch.cuda.max_memory_allocated(info.device)
         if info.device.type == "cuda"

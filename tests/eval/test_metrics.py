@@ -319,5 +319,7 @@ def test_cli_writes_metrics(tmp_path: Path, capsys) -> None:
 def test_cli_rejects_a_binary_file(tmp_path: Path) -> None:
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_bytes(b'{"id": 1}\n\xff\xfe\n')
-    with pytest.raises(ValueError, match=r"predictions\.jsonl: not UTF-8 text \(byte 10\)"):
+    with pytest.raises(
+        ValueError, match=r"predictions\.jsonl line 2: not UTF-8 text \(byte 0xff at column 1\)"
+    ):
         main(["--task", "squad", "--predictions", str(predictions)])

@@ -1,0 +1,206 @@
+"""Nothing lost: runs killed at any point and resumed end exactly where an uninterrupted run ends.
+
+Every run here is the real `deepspeed launch/train.py` with 2 CPU processes under ZeRO-3; the
+faults are real too (SIGKILL, an exception, a file-size limit that makes the checkpoint write
+fail with an OSError), triggered at a chosen point through ALORA_DS_TEST_FAULT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.test_train import DEEPSPEED, REPO, SMALL_RUN, free_port, read_rounds
+
+# 15 optimizer steps: rounds after steps 5 and 7, checkpoints every 2 steps and at each round.
+RUN = [*SMALL_RUN, "--save_steps", "2", "--progress_bar", "false", "--report_to", "none"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu")
+
+
+def launch(output_dir: Path, *args: str, fault: str | None = None, procs: int = 2):
+    script = [str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs/zero3.json")]
+    if procs == 1:
+        command = [sys.executable, *script]
+    else:
+        command = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), *script]
+    env = dict(ENV, **({"ALORA_DS_TEST_FAULT": fault} if fault else {}))
+    return subprocess.run(
+        [*command, "--output_dir", str(output_dir), *RUN, *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def latest(output_dir: Path) -> str:
+    return (output_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def adapter(output_dir: Path) -> dict:
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = launch(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_killed_anywhere_and_resumed_ends_like_an_uninterrupted_run(reference, tmp_path):
+    """One run, interrupted five times: SIGKILL during K1, during K2, during round 2's scoring
+    and half-way through a checkpoint write, then a full disk while writing a checkpoint. Each
+    time it is resumed with `--resume_from_checkpoint auto` from the checkpoint it left."""
+    out = tmp_path / "run"
+    chain = [
+        ("kill@step:3", "step_0000002"),  # during K1 (first round after step 5)
+        ("kill@step:6", "step_0000005"),  # during K2: the round-1 checkpoint survives
+        ("kill@scoring:2", "step_0000006"),  # round 2's ablations done, nothing applied
+        ("kill@save:10", "step_0000008"),  # half-written step 10: the temp dir is not listed
+        ("disk@save:12", "step_0000010"),  # the write fails; step 10 stays loadable
+    ]
+    for number, (fault, left) in enumerate(chain):
+        resume = ["--resume_from_checkpoint", "auto"] if number else []
+        result = launch(out, *resume, fault=fault)
+        assert result.returncode != 0, f"{fault}: the run did not fail"
+        assert latest(out) == left, fault
+        assert list((out / "checkpoints").glob(".tmp-*")) == [] or fault == "kill@save:10"
+        if fault.startswith("disk"):
+            message = result.stderr.strip().splitlines()
+            assert any(
+                "could not write the checkpoint of step 12" in line and left in line
+                for line in message
+            ), result.stderr[-2000:]
+        # Whatever was written so far agrees with the uninterrupted run.
+        assert read_rounds(out) == read_rounds(reference)[: len(read_rounds(out))]
+    result = launch(out, "--resume_from_checkpoint", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step_0000010" in result.stdout
+
+    assert read_rounds(out) == read_rounds(reference)  # the same plans from the same scores
+    assert (
+        json.loads((out / "summary.json").read_text())["ranks_by_type"]
+        == json.loads((reference / "summary.json").read_text())["ranks_by_type"]
+    )
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written one was cleared
+    expected, got = adapter(reference), adapter(out)
+    assert expected.keys() == got.keys()
+    for key in expected:  # bitwise: fp32 masters and Adam moments are restored exactly
+        assert (expected[key] == got[key]).all(), key
+    assert logged_losses(out) == logged_losses(reference)  # one line per step, same losses
+    assert len(list((out / "checkpoints").glob("step_*"))) == 2  # save_total_limit
+
+
+def test_resume_with_a_different_process_count(reference, tmp_path):
+    """A 2-process checkpoint resumed by 1 process (accumulation 2 keeps the global batch): the
+    plan and adapters are reloaded; only the order of floating-point sums differs."""
+    out = tmp_path / "run"
+    result = launch(out, fault="kill@step:9")
+    assert result.returncode != 0 and latest(out) == "step_0000008"
+    result = launch(
+        out, "--resume_from_checkpoint", "auto", "--gradient_accumulation_steps", "2", procs=1
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "re-seeded" in result.stdout
+    assert read_rounds(out) == read_rounds(reference)
+    expected, got = adapter(reference), adapter(out)
+    for key in expected:
+        assert (expected[key] - got[key]).abs().max() <= 1e-4 * (1 + expected[key].abs().max())
+
+    # The global batch must stay: anything else is refused before anything is touched.
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    result = launch(out, "--resume_from_checkpoint", "auto", procs=1)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resume: the global")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_resume_refuses_a_changed_option(reference, tmp_path):
+    out = tmp_path / "run"
+    result = launch(out, fault="kill@step:3")
+    assert result.returncode != 0
+    result = launch(out, "--resume_from_checkpoint", "auto", "--learning_rate", "1e-3", procs=1)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resume: --learning_rate is 0.001"), last
+
+
+def start_without_launcher(output_dir: Path, fault: str, timeout_s: int) -> list:
+    """Two processes started the way srun starts them: nobody kills the survivor for us."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(
+            ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port, ALORA_DS_TEST_FAULT=fault,
+        )  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "launch/train.py"),
+                    "--ds_config",
+                    str(REPO / "ds_configs/zero3.json"),
+                    "--output_dir",
+                    str(output_dir),
+                    *RUN,
+                    "--dist_timeout",
+                    str(timeout_s),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    return procs
+
+
+def test_one_process_failing_ends_every_process_without_a_hang(tmp_path):
+    timeout_s = 30
+    runs = {
+        fault: start_without_launcher(tmp_path / fault.split("@")[0], fault, timeout_s)
+        for fault in ("raise@step:2@1", "kill@step:2@1")
+    }
+    for fault, procs in runs.items():
+        outputs = []
+        for proc in procs:
+            started = time.monotonic()
+            try:
+                _, err = proc.communicate(timeout=timeout_s + 60)
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                pytest.fail(f"{fault}: a process was still running {timeout_s + 60}s later")
+            outputs.append(err)
+            assert proc.returncode != 0, fault
+            assert time.monotonic() - started < timeout_s + 60
+        survivor = outputs[0].strip().splitlines()[-1]
+        assert survivor.startswith("error: lost contact with another process"), survivor
+
+
+def test_nonfinite_loss_stops_or_is_skipped(tmp_path):
+    result = launch(tmp_path / "stop", "--method", "lora", fault="nan@step:5@1")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the loss is not finite at step 5" in last and "step_0000004" in last, last
+
+    out = tmp_path / "skip"
+    result = launch(out, "--method", "lora", "--skip_nonfinite", fault="nan@step:5@1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[4]["step"] == 5 and records[4]["loss"] is None
+    assert records[-1]["skipped_steps"] == 1
+    assert all(r["loss"] is not None for r in records if r["step"] != 5)
