@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -264,6 +265,10 @@ def validate(config: TrainConfig) -> None:
         if not condition:
             raise InputError(message)
 
+    for name, kind in _field_types().items():
+        value = getattr(config, name)
+        if kind is float and not math.isfinite(value):
+            raise InputError(f"--{name} must be a finite number, got {value}")
     need(bool(config.output_dir), "--output_dir is required")
     need(bool(config.ds_config), "--ds_config is required (e.g. ds_configs/zero3.json)")
     need(
@@ -357,6 +362,11 @@ def load_ds_config(path: str) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict):
         raise InputError(f"ds config {path}: expected a JSON object")
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(data.get(section, {}), dict):
+            raise InputError(
+                f"ds config {path}: {section} must be a JSON object, got {data[section]!r}"
+            )
     stage = data.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise InputError(

@@ -64,7 +64,11 @@ from alora_ds.data import IGNORE_INDEX, collate, make_batches  # noqa: E402
 from alora_ds.datasets import build_split, check_task  # noqa: E402
 from alora_ds.errors import InputError, RunFailure, run_cli  # noqa: E402
 from alora_ds.export import write_peft_adapter  # noqa: E402
-from alora_ds.files import atomic_write_json, atomic_write_text  # noqa: E402
+from alora_ds.files import (  # noqa: E402
+    atomic_write_json,
+    atomic_write_text,
+    check_output_location,
+)
 from alora_ds.inject import (  # noqa: E402
     count_parameters,
     find_target_modules,
@@ -147,6 +151,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse to write into a directory that holds another run, unless told to overwrite."""
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"output_dir {output_dir} exists and is not a directory")
+    check_output_location(output_dir, "--output_dir", inside=True)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise InputError(
             f"output_dir {output_dir} already holds another run; pass --overwrite_output_dir "

@@ -269,15 +269,10 @@ CASES: list[Case] = [
          "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
     Case("train-ds-config-zero-section-not-an-object", "train",
          lambda w: w.train(ds_config=w.file("ds_zero_int.json", '{"zero_optimization": 3}')),
-         "zero_optimization",
-         xfail="needs alora_ds/config.py change: load_ds_config must check that "
-               "zero_optimization, bf16 and fp16 are JSON objects before .get() on them "
-               "(today: AttributeError 'int' object has no attribute 'get')"),
+         "zero_optimization"),
     Case("train-ds-config-bf16-not-an-object", "train",
          lambda w: w.train(ds_config=w.file("ds_bf16_bool.json", '{"bf16": true}')),
-         "bf16",
-         xfail="needs alora_ds/config.py change: load_ds_config must reject a bf16 / fp16 "
-               "section that is not an object, naming it (today: AttributeError)"),
+         "bf16"),
     Case("train-ds-config-optimizer-section", "train",
          lambda w: w.train(ds_config=w.file("ds_opt.json", '{"optimizer": {"type": "AdamW"}}')),
          "remove the 'optimizer'/'scheduler' sections"),
@@ -301,26 +296,30 @@ CASES: list[Case] = [
     Case("train-lora-dropout-out-of-range", "train",
          lambda w: w.train(lora_dropout="1.5"), "--lora_dropout must be in [0, 1), got 1.5"),
     Case("train-lora-alpha-infinite", "train",
-         lambda w: w.train(lora_alpha="inf"), "lora_alpha",
-         xfail="needs alora_ds/config.py change: validate must require math.isfinite for "
-               "float fields (lora_alpha, learning_rate, ...); today inf passes '> 0' and the "
-               "run starts with an infinite LoRA scale"),
+         lambda w: w.train(lora_alpha="inf"), "lora_alpha"),
     Case("train-bool-not-a-bool", "train",
          lambda w: w.train(overwrite_output_dir="maybe"),
          "overwrite_output_dir='maybe' is not a valid bool"),
+    Case("train-resume-not-a-checkpoint", "train",
+         lambda w: w.train(resume_from_checkpoint=str(w.root)), "not a checkpoint directory"),
+    Case("train-skip-nonfinite-with-accumulation", "train",
+         lambda w: w.train(skip_nonfinite="true", gradient_accumulation_steps="2"),
+         "--skip_nonfinite needs --gradient_accumulation_steps 1"),
+    Case("train-save-total-limit-zero", "train",
+         lambda w: w.train(save_total_limit="0"), "--save_total_limit must be positive, got 0"),
+    Case("train-report-to-unknown", "train",
+         lambda w: w.train(report_to="mlflow"), "--report_to mlflow is not"),
+    Case("train-method-unknown", "train",
+         lambda w: w.train(method="dora"), "--method 'dora' is not one of"),
     Case("train-unknown-option", "train",
          lambda w: w.train(no_such_option="3"), "unknown option 'no_such_option'"),
     Case("train-stray-argument", "train",
          lambda w: [*w.train(), "stray"], "unexpected argument 'stray'"),
     # ---- launch/train.py: output_dir -----------------------------------------------------------
     Case("train-output-dir-under-a-file", "train",
-         lambda w: w.train(output_dir=str(Path(w.a_file) / "run")), "a_file.txt",
-         xfail=TRAIN_FILE_NEEDED + "check_output_dir must call alora_ds.files."
-               "check_output_location(output_dir, '--output_dir', inside=True); today the run "
-               "starts the process group and fails at mkdir with NotADirectoryError"),
+         lambda w: w.train(output_dir=str(Path(w.a_file) / "run")), "a_file.txt"),
     Case("train-output-dir-not-writable", "train",
-         lambda w: w.train(output_dir=w.unwritable_dir()), "cannot be written",
-         xfail=TRAIN_FILE_NEEDED + "the same check_output_location call in check_output_dir"),
+         lambda w: w.train(output_dir=w.unwritable_dir()), "cannot be written"),
     # ---- launch/train.py: data -------------------------------------------------------------------
     Case("train-data-row-non-string-field", "train",
          lambda w: w.train(train_file=w.file("nonstring.jsonl", '{"sentence": 5, "label": 1}\n')),
