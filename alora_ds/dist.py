@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
+    safe_get_full_grad,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
@@ -40,7 +41,12 @@ from alora_ds.fast_scoring import (
     fast_ablation_scores,
 )
 from alora_ds.inject import gated_modules, module_generator
-from alora_ds.lora import ADAPTER_PARAM_NAMES, GatedLoRALinear, kaiming_uniform_rows
+from alora_ds.lora import (
+    ADAPTER_PARAM_NAMES,
+    GATE_PARAM_NAMES,
+    GatedLoRALinear,
+    kaiming_uniform_rows,
+)
 from alora_ds.scoring import (
     Batch,
     RankScores,
@@ -214,7 +220,7 @@ def gathered(params: Sequence[torch.Tensor], modifier_rank: int | None = None):
 
 def adapter_params(modules: Mapping[str, GatedLoRALinear]) -> list[nn.Parameter]:
     """Every adapter parameter (modules with no rank hold none)."""
-    params = (getattr(m, name) for m in modules.values() for name in ADAPTER_PARAM_NAMES)
+    params = (getattr(m, name) for m in modules.values() for name in m.trainable_names())
     return [p for p in params if p is not None]
 
 
@@ -237,9 +243,14 @@ def create_engine(
     torch's AdamW rather than the ds config's "AdamW", which means FusedAdam and a 45 s compile on
     CPU. zero_force_ds_cpu_optimizer is off so that ZeRO-Offload accepts it.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Gate logits (DNAS) get their own group, so that their learning rate can be set apart.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not n.endswith(GATE_PARAM_NAMES)]},
+        {"params": [p for n, p in named if n.endswith(GATE_PARAM_NAMES)]},
+    ]
     optimizer = torch.optim.AdamW(
-        params,
+        [g for g in groups if g["params"]],
         lr=settings.lr,
         betas=settings.betas,
         eps=settings.eps,
@@ -263,9 +274,13 @@ def destroy_engine(engine: deepspeed.DeepSpeedEngine, model: nn.Module) -> None:
         module.__dict__.pop("post_bwd_fn", None)
 
 
-def set_learning_rate(engine: deepspeed.DeepSpeedEngine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+def set_learning_rate(
+    engine: deepspeed.DeepSpeedEngine, lr: float, gates_lr: float | None = None
+) -> None:
+    """Set the adapters' learning rate, and the gate logits' (second group, DNAS) to
+    `gates_lr` (default: the same)."""
+    for index, group in enumerate(engine.optimizer.param_groups):
+        group["lr"] = lr if index == 0 or gates_lr is None else gates_lr
 
 
 def _inner_optimizer(engine: deepspeed.DeepSpeedEngine) -> torch.optim.Optimizer:
@@ -319,7 +334,7 @@ def _materialize_adam_state(engine: deepspeed.DeepSpeedEngine, step: int) -> Non
 class AdapterState:
     """Full fp32 values and Adam moments of one module's adapter, plus its gates."""
 
-    values: dict[str, torch.Tensor]  # lora_A (r, d_in), lora_B (d_out, r)
+    values: dict[str, torch.Tensor]  # lora_A (r, d_in), lora_B (d_out, r)[, gate_logits (r,)]
     moments: dict[str, dict[str, torch.Tensor]]  # param name -> exp_avg / exp_avg_sq
     gate: torch.Tensor  # (r,)
 
@@ -345,7 +360,7 @@ def read_adapter_states(
     for name, module in modules.items():
         values: dict[str, torch.Tensor] = {}
         moments: dict[str, dict[str, torch.Tensor]] = {}
-        for pname in ADAPTER_PARAM_NAMES:
+        for pname in module.trainable_names():
             param = getattr(module, pname)
             if param is None:  # a module with no rank left holds no parameter
                 shape = tuple(module.adapter_tensor(pname).shape)
@@ -374,6 +389,28 @@ def read_adapter_states(
     return states
 
 
+def _set_full(param: torch.Tensor, value: torch.Tensor, key: str | None = None) -> None:
+    """safe_set_full_fp32_param / safe_set_full_optimizer_state, also for a ZeRO-3 parameter
+    whose size is not a multiple of the process count (DNAS's gate logits): DeepSpeed 0.19.8
+    slices past the end of the value for the last, padded partition; here the slice is cut
+    short and the padding zeroed."""
+    if not is_partitioned(param) or param.ds_numel % dist.get_world_size() == 0:
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    optimizer = param._z3_optimizer
+    partition, _ = optimizer._get_fp32_opt_state_partition(
+        param, release_swap_buffers=False, optim_state_key=key
+    )
+    size = partition.numel()
+    start = size * optimizer._get_param_partition_rank(param)
+    mine = value.flatten()[start : start + size]
+    partition.data.zero_()
+    partition.data[: mine.numel()].copy_(mine)
+
+
 def write_adapter_states(
     engine: deepspeed.DeepSpeedEngine,
     modules: Mapping[str, GatedLoRALinear],
@@ -385,23 +422,60 @@ def write_adapter_states(
     _materialize_adam_state(engine, step)
     inner = _inner_optimizer(engine)
     for name, module in modules.items():
-        for pname in ADAPTER_PARAM_NAMES:
+        for pname in module.trainable_names():
             param = getattr(module, pname)
             value = states[name].values[pname]
             if param is None:
                 continue
             if _has_master_copy(param):
                 device = param.device
-                safe_set_full_fp32_param(param, value.to(device))
+                _set_full(param, value.to(device))
                 for key in ADAM_STATE_KEYS:
-                    safe_set_full_optimizer_state(
-                        param, states[name].moments[pname][key].to(device), key
-                    )
+                    _set_full(param, states[name].moments[pname][key].to(device), key)
             else:
                 with torch.no_grad():
                     param.copy_(value.to(param.dtype))
                 for key in ADAM_STATE_KEYS:
                     inner.state[param][key].copy_(states[name].moments[pname][key])
+
+
+def adapter_values_and_grads(
+    engine: deepspeed.DeepSpeedEngine, modules: Mapping[str, GatedLoRALinear]
+) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Full fp32 value and (process-averaged) gradient of every A and B (collective under ZeRO).
+
+    Call it after the backward of the last micro-batch of a step and before engine.step(): that
+    is the only moment DeepSpeed holds the step's whole gradient.
+    """
+    out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, module in modules.items():
+        out[name] = {}
+        for pname in ADAPTER_PARAM_NAMES:
+            param = getattr(module, pname)
+            if param is None:
+                continue
+            if _has_master_copy(param):
+                shape = tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
+                value = safe_get_full_fp32_param(param).reshape(shape).float().cpu()
+                grad = safe_get_full_grad(param)
+                grad = torch.zeros(shape) if grad is None else grad.reshape(shape).float().cpu()
+            else:
+                value = param.detach().float().cpu()
+                grad = param.grad.float().cpu() if param.grad is not None else torch.zeros_like(value)
+            out[name][pname] = (value, grad)
+    return out
+
+
+def gate_value_scores(model: nn.Module) -> dict[str, list[float]]:
+    """ALoRA-DNAS's importance: every live rank's relaxed gate value 2 sigmoid(a), on every
+    process (the gate logits are gathered under ZeRO-3)."""
+    modules = gated_modules(model)
+    logits = [m.gate_logits for m in modules.values() if m.gate_logits is not None]
+    with gathered(logits):
+        return {
+            name: m.gate_values().detach().float().cpu().tolist() if m.r else []
+            for name, m in modules.items()
+        }
 
 
 # ---- allocation rounds ----------------------------------------------------------------------
@@ -479,7 +553,7 @@ def check_agreement(
     for name, state in states.items():
         labels.append(f"module {name}")
         payload = b"".join(
-            state.values[p].contiguous().numpy().tobytes() for p in ADAPTER_PARAM_NAMES
+            state.values[p].contiguous().numpy().tobytes() for p in sorted(state.values)
         )
         digests.append(_digest(payload + state.gate.numpy().tobytes()))
     everyone = all_gather_tensor(torch.tensor(digests, dtype=torch.int64, device=info.device))
@@ -526,6 +600,14 @@ def plan_states(
             },
         }
         gate = torch.cat([state.gate.index_select(0, keep), torch.ones(k)])
+        if "gate_logits" in state.values:  # DNAS: new ranks start at a = 0 (g = 1)
+            values["gate_logits"] = torch.cat(
+                [state.values["gate_logits"].index_select(0, keep), torch.zeros(k)]
+            )
+            moments["gate_logits"] = {
+                key: torch.cat([m.index_select(0, keep), torch.zeros(k)])
+                for key, m in state.moments["gate_logits"].items()
+            }
         out[name] = AdapterState(values, moments, gate)
     return out
 
@@ -581,10 +663,12 @@ def install_adapter_states(
     dtype = model_dtype(ds_config)
     for name, module in modules.items():
         state = states[name]
+        logits = state.values.get("gate_logits")
         module.set_adapter_tensors(
             state.values["lora_A"].to(info.device, dtype),
             state.values["lora_B"].to(info.device, dtype),
             state.gate.to(info.device, dtype),
+            None if logits is None else logits.to(info.device, dtype),
         )
     new_engine = create_engine(model, ds_config, settings)
     write_adapter_states(new_engine, modules, states, step)
@@ -599,7 +683,7 @@ def flatten_states(states: Mapping[str, AdapterState]) -> dict[str, torch.Tensor
     and `<module>.lora_gate`."""
     flat: dict[str, torch.Tensor] = {}
     for name, state in states.items():
-        for pname in ADAPTER_PARAM_NAMES:
+        for pname in state.values:
             flat[f"{name}.{pname}"] = state.values[pname]
             for key in ADAM_STATE_KEYS:
                 flat[f"{name}.{pname}.{key}"] = state.moments[pname][key]
@@ -614,12 +698,14 @@ def unflatten_states(
     missing = [n for n in names if f"{n}.lora_gate" not in flat]
     if missing:
         raise ValueError(f"{source} holds no adapter for module {missing[0]}")
+    trained = ADAPTER_PARAM_NAMES + GATE_PARAM_NAMES
     return {
         name: AdapterState(
-            values={p: flat[f"{name}.{p}"] for p in ADAPTER_PARAM_NAMES},
+            values={p: flat[f"{name}.{p}"] for p in trained if f"{name}.{p}" in flat},
             moments={
                 p: {key: flat[f"{name}.{p}.{key}"] for key in ADAM_STATE_KEYS}
-                for p in ADAPTER_PARAM_NAMES
+                for p in trained
+                if f"{name}.{p}" in flat
             },
             gate=flat[f"{name}.lora_gate"],
         )

@@ -43,8 +43,29 @@ def kaiming_uniform_rows(
     return rows.uniform_(-bound, bound, generator=generator)
 
 
+def compute_dtype(layer: nn.Linear) -> torch.dtype:
+    """The dtype a linear layer computes in: its weight's, or for a quantised layer (QLoRA's
+    bitsandbytes `Linear4bit`, whose weight holds packed 4-bit values in a storage dtype) the
+    layer's `compute_dtype`, never the storage dtype."""
+    compute = getattr(layer, "compute_dtype", None)  # bitsandbytes Linear4bit
+    if compute is not None:
+        return compute
+    weight = layer.weight
+    quantised = hasattr(weight, "quant_state")  # bitsandbytes Params4bit
+    return weight.dtype if weight.dtype.is_floating_point and not quantised else torch.float32
+
+
+def zero_gradient(param: torch.Tensor) -> torch.Tensor:
+    """`param`'s value with a zero gradient: it stays in the graph (so ZeRO sees a gradient for
+    every parameter, every step) but is not trained by this backward."""
+    return param.detach() + 0.0 * param
+
+
 class GatedLoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a LoRA adapter whose ranks each carry a gate.
+
+    The base may be a quantised subclass of nn.Linear (bitsandbytes `Linear4bit` for QLoRA): it
+    is only called, and sizes come from `in_features` / `out_features`.
 
     Args:
         base_layer: the linear layer to adapt; it is frozen and kept as `base_layer`.
@@ -53,8 +74,9 @@ class GatedLoRALinear(nn.Module):
         dropout: dropout on the adapter's input (LoRA's `lora_dropout`).
         scale: a fixed scale (used when loading an adapter whose scale is already known, or when
             r = 0 and the scale must still be defined for ranks added later).
-        dtype: dtype of A, B and the gates; defaults to the base weight's dtype, which is what
-            DeepSpeed expects for parameters created after the model was built.
+        dtype: dtype of A, B and the gates; defaults to the base layer's compute dtype (its
+            weight's dtype, or a 4-bit layer's compute_dtype), which is what DeepSpeed expects
+            for parameters created after the model was built.
         generator: source of A's initial values (a fixed seed gives the same A everywhere).
         relaxed_gates: also create trainable gate logits a (init 0) and use g = mask * 2 sigmoid(a),
             the DNAS variant's relaxation (g = 1 at init).
@@ -90,8 +112,7 @@ class GatedLoRALinear(nn.Module):
         self.scale: float = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-        weight_dtype = base_layer.weight.dtype
-        dtype = dtype or (weight_dtype if weight_dtype.is_floating_point else torch.float32)
+        dtype = dtype or compute_dtype(base_layer)
         device = base_layer.weight.device
         self.adapter_dtype: torch.dtype = dtype
         self.lora_A: nn.Parameter | None  # (r, d_in); None when r = 0
@@ -104,6 +125,10 @@ class GatedLoRALinear(nn.Module):
         # Per-row hard gates (N, r) that replace lora_gate while set: batched scoring gives each
         # row of a batch its own ablation. A plain attribute: never saved, never partitioned.
         self.row_gates: torch.Tensor | None = None
+        # DNAS's alternating steps: "weights" trains A and B only, "gates" the gate logits only;
+        # the other part still takes part in the graph but receives a zero gradient.
+        self.train_only: str | None = None
+        self.relaxed_gates: bool = relaxed_gates
         self.gate_logits: nn.Parameter | None = None
         if relaxed_gates:
             self.gate_logits = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
@@ -124,10 +149,20 @@ class GatedLoRALinear(nn.Module):
         mask = self.lora_gate if mask is None else mask
         if self.gate_logits is None:
             return mask
-        return mask * 2.0 * torch.sigmoid(self.gate_logits)
+        logits = self.gate_logits
+        if self.train_only == "weights":
+            logits = zero_gradient(logits)
+        return mask * 2.0 * torch.sigmoid(logits)
+
+    def trainable_names(self) -> tuple[str, ...]:
+        """The names of this module's trained tensors: A and B, plus the gate logits (DNAS)."""
+        return ADAPTER_PARAM_NAMES + (GATE_PARAM_NAMES if self.relaxed_gates else ())
 
     def adapter_tensor(self, name: str) -> torch.Tensor:
-        """lora_A or lora_B, as an empty (0, d_in) / (d_out, 0) tensor when the module has no rank."""
+        """lora_A, lora_B or gate_logits, as an empty (0, d_in) / (d_out, 0) / (0,) tensor when
+        the module has no rank."""
+        if name == "gate_logits" and self.gate_logits is None:
+            return torch.zeros(0, dtype=self.adapter_dtype, device=self.lora_gate.device)
         param = getattr(self, name)
         if param is not None:
             return param
@@ -139,13 +174,16 @@ class GatedLoRALinear(nn.Module):
         if self.lora_A is None:
             return result
         x = x.to(self.lora_A.dtype)
-        h = self.dropout(x) @ self.lora_A.t()  # (..., r)
+        a, b = self.lora_A, self.lora_B
+        if self.train_only == "gates":
+            a, b = zero_gradient(a), zero_gradient(b)
+        h = self.dropout(x) @ a.t()  # (..., r)
         if self.row_gates is None:
             h = h * self.gate_values()  # (..., r): diag(g)
         else:  # (N, ..., r) * (N, 1.., r): each row its own gates
             gates = self.gate_values(self.row_gates.to(h.dtype))
             h = h * gates.view(gates.shape[0], *([1] * (h.dim() - 2)), gates.shape[1])
-        delta = (h @ self.lora_B.t()) * self.scale  # (..., d_out)
+        delta = (h @ b.t()) * self.scale  # (..., d_out)
         return result + delta.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -224,15 +262,15 @@ class GatedLoRALinear(nn.Module):
             self.lora_A = nn.Parameter(a.contiguous(), requires_grad=trainable)
             self.lora_B = nn.Parameter(b.contiguous(), requires_grad=trainable)
         self.lora_gate = gate.contiguous()
-        if self.gate_logits is not None:
+        if self.relaxed_gates:
             if gate_logits is None:  # new ranks' relaxed gates start at a = 0 (g = 1)
                 gate_logits = torch.zeros_like(gate)
-            self.gate_logits = nn.Parameter(
-                gate_logits.contiguous(), requires_grad=self.gate_logits.requires_grad
+            self.gate_logits = (
+                nn.Parameter(gate_logits.contiguous(), requires_grad=trainable) if r else None
             )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"scale={self.scale:g}, relaxed_gates={self.gate_logits is not None}"
+            f"scale={self.scale:g}, relaxed_gates={self.relaxed_gates}"
         )

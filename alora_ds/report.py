@@ -107,6 +107,7 @@ class RunSummary:
     total_ranks_end: int
     adapter_params_start: int
     adapter_params_end: int
+    adapter_params_peak: int  # the most the adapters held at any time (SoRA/AdaLoRA start high)
     peak_memory_bytes: list[int]  # one per process, in rank order
     wall_time_s: float
     tokens: int
@@ -125,7 +126,7 @@ class RunSummary:
         lines += [
             f"ranks: {self.total_ranks_start} at start, {self.total_ranks_end} at end",
             f"adapter parameters: {self.adapter_params_start:,} at start, "
-            f"{self.adapter_params_end:,} at end",
+            f"{self.adapter_params_end:,} at end, {self.adapter_params_peak:,} at the peak",
             f"peak memory per process (GB): {peaks}",
             f"wall time: {self.wall_time_s / 3600:.2f} h ({self.wall_time_s:.1f} s)",
             f"tokens per second: {self.tokens_per_s:.1f} ({self.tokens:,} tokens)",
@@ -149,6 +150,7 @@ def summarize_run(
     peak_memory_bytes: Sequence[int],
     wall_time_s: float,
     tokens: int,
+    adapter_params_peak: int | None = None,
 ) -> RunSummary:
     """The run's summary from plain numbers: rank maps (module name -> rank) at start and end,
     in_features + out_features per module, each process's peak memory, the wall time and the
@@ -166,6 +168,11 @@ def summarize_run(
         total_ranks_end=sum(final_ranks.values()),
         adapter_params_start=adapter_parameters(initial_ranks, params_per_rank),
         adapter_params_end=adapter_parameters(final_ranks, params_per_rank),
+        adapter_params_peak=max(
+            adapter_params_peak or 0,
+            adapter_parameters(initial_ranks, params_per_rank),
+            adapter_parameters(final_ranks, params_per_rank),
+        ),
         peak_memory_bytes=[int(b) for b in peak_memory_bytes],
         wall_time_s=float(wall_time_s),
         tokens=int(tokens),

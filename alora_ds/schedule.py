@@ -109,3 +109,10 @@ def draw_validation_indices(
     count = min(count, num_examples)
     generator = torch.Generator().manual_seed(seed * 7_919 + round_index)
     return sorted(torch.randperm(num_examples, generator=generator)[:count].tolist())
+
+
+def bilevel_split(num_examples: int, seed: int) -> tuple[list[int], list[int]]:
+    """ALoRA-DNAS's two disjoint halves of the training set (method.md section 5): D1 trains
+    the adapter weights, D2 the gate logits. A seeded permutation, cut in two, each half sorted."""
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[0::2]), sorted(order[1::2])

@@ -85,13 +85,17 @@ from alora_ds.modeling import (  # noqa: E402
 )
 from alora_ds.report import plot_rank_heatmap, summarize_run  # noqa: E402
 from alora_ds.schedule import (  # noqa: E402
+    bilevel_split,
     draw_validation_indices,
     make_schedule,
     micro_batch_indices,
 )
+from alora_ds.sensitivity import SensitivityTracker  # noqa: E402
 from alora_ds.tasks import build_tiny_tokenizer  # noqa: E402
 
 RUN_MARKER = "config.json"
+# Methods with allocation rounds; they differ only in where a round's scores come from.
+ROUND_METHODS = ("alora", "alora-sensi", "alora-dnas")
 # Fault injection for the tests: this process corrupts its rebuilt adapters after round 1.
 CORRUPT_ENV = "ALORA_DS_TEST_CORRUPT_RANK"
 # Fault injection for tests/faults: `<kind>@<point>:<n>[@<rank>]`, see Fault.
@@ -252,7 +256,7 @@ def train(argv: Sequence[str] | None = None) -> int:
     ds_config = resolve_batch_sizes(load_ds_config(cfg.ds_config), cfg, world_size, cfg.ds_config)
     dtype = D.model_dtype(ds_config)
     check_task(cfg.task)
-    if cfg.method not in ("alora", "lora"):
+    if cfg.method not in (*ROUND_METHODS, "lora"):
         raise InputError(f"--method {cfg.method} is not implemented in this version")
     tokenizer = load_tokenizer(cfg)
     train_examples, train_stats = build_split(
@@ -269,7 +273,20 @@ def train(argv: Sequence[str] | None = None) -> int:
             "--skip_nonfinite needs --gradient_accumulation_steps 1 (a step whose gradients are "
             f"already partly accumulated cannot be dropped), got {cfg.gradient_accumulation_steps}"
         )
-    rounds = cfg.num_rounds if cfg.method == "alora" else 0
+    rounds = cfg.num_rounds if cfg.method in ROUND_METHODS else 0
+    dnas = cfg.method == "alora-dnas"
+    # DNAS's bi-level split: adapter weights learn on D1, gate logits on D2, alternating steps.
+    pools = (
+        bilevel_split(len(train_examples), cfg.seed)
+        if dnas
+        else (list(range(len(train_examples))),)
+    )
+    pool_steps = [len(pool) // global_batch for pool in pools]  # steps per epoch of each pool
+    if min(pool_steps) == 0:
+        raise InputError(
+            f"--method {cfg.method}: {min(len(p) for p in pools)} training examples per split are "
+            f"fewer than one global batch of {global_batch}"
+        )
     schedule = make_schedule(
         len(train_examples),
         global_batch,
@@ -382,6 +399,7 @@ def train(argv: Sequence[str] | None = None) -> int:
         lora_alpha=cfg.lora_alpha,
         dropout=cfg.lora_dropout,
         seed=cfg.seed,
+        relaxed_gates=dnas,
         dtype=dtype,
     )
     model.to(info.device)
@@ -397,9 +415,12 @@ def train(argv: Sequence[str] | None = None) -> int:
         weight_decay=cfg.weight_decay,
     )
     engine = D.create_engine(model, ds_config, settings)
-    rank_costs = {name: m.in_features + m.out_features for name, m in modules.items()}
+    # Parameters per rank: A's row and B's column, plus the gate logit in DNAS.
+    rank_costs = {name: m.in_features + m.out_features + dnas for name, m in modules.items()}
+    tracker = SensitivityTracker() if cfg.method == "alora-sensi" else None
     initial_ranks = rank_map(model)
     param_budget = parameter_count(rank_map(model), rank_costs) if cfg.cap_parameters else None
+    peak_params = parameter_count(rank_map(model), rank_costs)  # "equal budget" is checkable
     pad_id = tokenizer.pad_token_id
     dev_batches = shard_batches(
         dev_examples, cfg.per_device_train_batch_size, info, pad_id, info.device
@@ -438,11 +459,14 @@ def train(argv: Sequence[str] | None = None) -> int:
         )
         modules = D.gated_modules(model)
         assert rank_map(model) == saved["rank_map"]
+        if tracker is not None:
+            tracker.load_state_tensors(checkpoint.tensors)
         same_rng = D.restore_rng(checkpoint.rng, info)
         start_step, round_index = saved["step"], saved["round_index"]
         history, best_loss = saved["history"], saved["best_loss"]
         evals_without_gain, skipped_steps = saved["evals_without_gain"], saved["skipped_steps"]
         earlier_wall_s, all_tokens = saved["wall_s"], saved["tokens"]
+        peak_params = saved["peak_params"]
         if info.is_main:  # what the interrupted run logged after its checkpoint is redone
             kept = [
                 line
@@ -465,12 +489,15 @@ def train(argv: Sequence[str] | None = None) -> int:
     def save(done: int) -> None:
         """A checkpoint of everything the loop needs to go on from step `done` (collective)."""
         tensors, rng = D.gathered_training_state(engine, model, info)
+        if tracker is not None:
+            tensors.update(tracker.state_tensors())
         state = {
             "step": done, "round_index": round_index, "rank_map": rank_map(model),
             "history": history, "best_loss": best_loss, "evals_without_gain": evals_without_gain,
             "optimizer_step": D.optimizer_step_count(engine), "skipped_steps": skipped_steps,
             "world_size": info.world_size, "global_batch": global_batch,
             "tokens": all_tokens, "wall_s": earlier_wall_s + time.perf_counter() - run_start,
+            "peak_params": peak_params,
         }  # fmt: skip
         failure = None
         if info.is_main:
@@ -502,20 +529,29 @@ def train(argv: Sequence[str] | None = None) -> int:
     run_start = time.perf_counter()
     for step in range(start_step, schedule.total_steps):
         model.train()
-        D.set_learning_rate(engine, schedule.lr_at(step, cfg.learning_rate))
-        for indices in micro_batch_indices(
-            len(train_examples),
-            seed=cfg.seed,
-            step=step,
-            steps_per_epoch=schedule.steps_per_epoch,
+        lr = schedule.lr_at(step, cfg.learning_rate)
+        part = step % len(pools)  # DNAS: even steps train the weights on D1, odd the gates on D2
+        if dnas:
+            for module in modules.values():
+                module.train_only = ("weights", "gates")[part]
+            D.set_learning_rate(engine, lr * (part == 0), gates_lr=lr * (part == 1))
+        else:
+            D.set_learning_rate(engine, lr)
+        pool = pools[part]
+        micro_batches = micro_batch_indices(
+            len(pool),
+            seed=cfg.seed + part,
+            step=step // len(pools),
+            steps_per_epoch=pool_steps[part],
             micro_batch=cfg.per_device_train_batch_size,
             accumulation=cfg.gradient_accumulation_steps,
             world_size=info.world_size,
             rank=info.rank,
-        ):
+        )
+        for micro, indices in enumerate(micro_batches):
             batch = {
                 k: v.to(info.device)
-                for k, v in collate([train_examples[i] for i in indices], pad_id).items()
+                for k, v in collate([train_examples[pool[i]] for i in indices], pad_id).items()
             }
             loss = engine(**batch).loss  # mean over this micro-batch's supervised tokens
             if fault is not None and fault.hits("nan", "step", step + 1, info.rank):
@@ -536,6 +572,9 @@ def train(argv: Sequence[str] | None = None) -> int:
                 )
                 break
             engine.backward(loss)
+            if tracker is not None and micro == len(micro_batches) - 1:
+                # The step's whole gradient exists only now, between backward and step.
+                tracker.update(D.adapter_values_and_grads(engine, modules))
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
             tokens_seen += float(batch["attention_mask"].sum())
             all_tokens += float(batch["attention_mask"].sum())
@@ -553,20 +592,26 @@ def train(argv: Sequence[str] | None = None) -> int:
             val_batches = make_batches(
                 [dev_examples[i] for i in val_ids], cfg.scoring_batch_size, pad_id, info.device
             )
-            scores = D.distributed_ab_lora_scores(
-                model,
-                val_batches,
-                info,
-                method=cfg.scoring,
-                max_rows=cfg.scoring_max_rows,
-                engine=engine,
-            )
+            s_m = None  # S(M), the validation score of the full model: AB-LoRA's reference
+            if cfg.method == "alora":
+                scores = D.distributed_ab_lora_scores(
+                    model,
+                    val_batches,
+                    info,
+                    method=cfg.scoring,
+                    max_rows=cfg.scoring_max_rows,
+                    engine=engine,
+                )
+                importance, s_m = scores.importance, scores.S_M
+            elif cfg.method == "alora-sensi":
+                importance = tracker.rank_scores(rank_map(model))
+            else:  # alora-dnas: the relaxed gate values themselves
+                importance = D.gate_value_scores(model)
             fire(fault, "kill", "scoring", round_index, info.rank)
             try:
-                check_scores(scores.importance)
+                check_scores(importance)
             except NonFiniteScore as exc:
                 raise RunFailure(f"round {round_index}: {exc}; {last_checkpoint()}") from exc
-            importance = scores.importance
             live = sum(len(v) for v in importance.values())
             n_prune = resolve_prune_count(cfg.prune_per_round, live)
             plan = plan_round(importance, n_prune, rank_costs=rank_costs, param_budget=param_budget)
@@ -574,7 +619,7 @@ def train(argv: Sequence[str] | None = None) -> int:
                 "round": round_index,
                 "ranks_before": plan.ranks_before,
                 "scores": importance,
-                "S_M": scores.S_M,
+                "S_M": s_m,
                 "pruned": [list(p) for p in plan.pruned],
                 "added": plan.added,
                 "ranks_after": plan.ranks_after,
@@ -594,6 +639,9 @@ def train(argv: Sequence[str] | None = None) -> int:
                 corrupt=(round_index == 1 and info.rank == corrupt_rank),
             )
             assert rank_map(model) == plan.ranks_after
+            if tracker is not None:
+                tracker.apply_plan(pruned_by_module(plan), plan.added)
+            peak_params = max(peak_params, parameter_count(plan.ranks_after, rank_costs))
             assert sum(plan.ranks_after.values()) <= rank_budget
             assert (
                 param_budget is None or parameter_count(rank_map(model), rank_costs) <= param_budget
@@ -610,7 +658,7 @@ def train(argv: Sequence[str] | None = None) -> int:
             history.append(
                 {
                     "round": round_index,
-                    "S_M": scores.S_M,
+                    "S_M": s_m,
                     "scores": importance,
                     "ranks_after": plan.ranks_after,
                 }
@@ -626,7 +674,9 @@ def train(argv: Sequence[str] | None = None) -> int:
             pruned_types = Counter(module_type(n) for n, _ in plan.pruned)
             log(
                 info,
-                f"round {round_index}: S(M) {scores.S_M:.4f}, pruned {len(plan.pruned)} "
+                f"round {round_index}: "
+                + (f"S(M) {s_m:.4f}, " if s_m is not None else "")
+                + f"pruned {len(plan.pruned)} "
                 f"{dict(pruned_types)}, added {sum(plan.added.values())} {plan.added}; "
                 f"scored in {scored_s:.1f}s",
             )
@@ -693,6 +743,7 @@ def train(argv: Sequence[str] | None = None) -> int:
         summary = summarize_run(
             initial_ranks=initial_ranks, final_ranks=final, params_per_rank=rank_costs,
             peak_memory_bytes=[int(p) for p in peaks], wall_time_s=wall_s, tokens=int(tokens_total),
+            adapter_params_peak=peak_params,
         )  # fmt: skip
         atomic_write_json(output_dir / "summary.json", summary.to_dict())
         log(info, summary.to_text())
