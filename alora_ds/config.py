@@ -84,6 +84,8 @@ class TrainConfig:
     """N_A: allocation rounds."""
     prune_per_round: float = 7
     """n_A: ranks pruned (and re-added) per round; an integer, or a fraction of the live ranks."""
+    sora_lambda: float = 0.1
+    """SoRA: strength of the L1 proximal step on the gates (threshold = lr x sora_lambda)."""
     val_examples: int = 32
     """|B_val|: development examples scored per round (drawn anew each round, fixed within it)."""
     cap_parameters: bool = True
@@ -301,6 +303,7 @@ def validate(config: TrainConfig) -> None:
     need(
         config.prune_per_round >= 0, f"--prune_per_round must be >= 0, got {config.prune_per_round}"
     )
+    need(config.sora_lambda >= 0, f"--sora_lambda must be >= 0, got {config.sora_lambda}")
     need(config.val_examples > 0, f"--val_examples must be positive, got {config.val_examples}")
     need(
         config.initial_epochs >= 0 and config.round_epochs >= 0,

@@ -466,6 +466,24 @@ def adapter_values_and_grads(
     return out
 
 
+@torch.no_grad()
+def proximal_gate_step(modules: Mapping[str, GatedLoRALinear], threshold: float) -> None:
+    """SoRA's L1 proximal step on every gate after the optimizer step:
+    g <- sign(g) max(|g| - threshold, 0), written into the fp32 masters (collective under ZeRO).
+
+    Under bf16 the working copy picks the new values up at the next step, as every update does.
+    """
+    for module in modules.values():
+        param = module.gate_logits
+        if param is None:
+            continue
+        if _has_master_copy(param):
+            value = safe_get_full_fp32_param(param).float()
+            _set_full(param, torch.sign(value) * (value.abs() - threshold).clamp(min=0))
+        else:
+            param.copy_(torch.sign(param) * (param.abs() - threshold).clamp(min=0))
+
+
 def gate_value_scores(model: nn.Module) -> dict[str, list[float]]:
     """ALoRA-DNAS's importance: every live rank's relaxed gate value 2 sigmoid(a), on every
     process (the gate logits are gathered under ZeRO-3)."""

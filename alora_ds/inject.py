@@ -120,6 +120,7 @@ def wrap_modules(
     dropout: float = 0.0,
     seed: int = 0,
     relaxed_gates: bool = False,
+    gate_activation: str = "sigmoid",
     dtype: torch.dtype | None = None,
 ) -> dict[str, GatedLoRALinear]:
     """Replace each named nn.Linear with a GatedLoRALinear of the given rank and scale.
@@ -144,6 +145,7 @@ def wrap_modules(
             dtype=dtype,
             generator=module_generator(seed, 0, name),
             relaxed_gates=relaxed_gates,
+            gate_activation=gate_activation,
         )
         _set_submodule(model, name, module)
         wrapped[name] = module
@@ -160,6 +162,7 @@ def inject_gated_lora(
     dropout: float = 0.0,
     seed: int = 0,
     relaxed_gates: bool = False,
+    gate_activation: str = "sigmoid",
     dtype: torch.dtype | None = None,
 ) -> dict[str, GatedLoRALinear]:
     """Wrap the target modules with a rank budget spread evenly (the budget-compliant start).
@@ -177,6 +180,7 @@ def inject_gated_lora(
         dropout=dropout,
         seed=seed,
         relaxed_gates=relaxed_gates,
+        gate_activation=gate_activation,
         dtype=dtype,
     )
 
@@ -220,7 +224,10 @@ class ParamCount:
 
 def _numel(param: torch.Tensor) -> int:
     # Under ZeRO-3 a partitioned parameter is empty locally; ds_numel is its full size.
-    return int(getattr(param, "ds_numel", param.numel()))
+    numel = int(getattr(param, "ds_numel", param.numel()))
+    if hasattr(param, "quant_state"):  # bitsandbytes 4-bit: two weights per byte of storage
+        numel *= 2 * param.element_size()
+    return numel
 
 
 def count_parameters(model: nn.Module) -> ParamCount:

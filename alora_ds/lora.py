@@ -93,6 +93,7 @@ class GatedLoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
         relaxed_gates: bool = False,
+        gate_activation: str = "sigmoid",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -129,9 +130,16 @@ class GatedLoRALinear(nn.Module):
         # the other part still takes part in the graph but receives a zero gradient.
         self.train_only: str | None = None
         self.relaxed_gates: bool = relaxed_gates
+        # "sigmoid": g = 2 sigmoid(a), a from 0 (DNAS); "identity": g = a, a from 1 (SoRA's gates,
+        # which its L1 proximal step drives to exactly 0).
+        if gate_activation not in ("sigmoid", "identity"):
+            raise ValueError(
+                f"gate_activation must be sigmoid or identity, got {gate_activation!r}"
+            )
+        self.gate_activation: str = gate_activation
         self.gate_logits: nn.Parameter | None = None
         if relaxed_gates:
-            self.gate_logits = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
+            self.gate_logits = nn.Parameter(self.initial_gate_logits(r, device, dtype))
         self.set_adapter_tensors(
             kaiming_uniform_rows(r, self.in_features, generator).to(device=device, dtype=dtype),
             torch.zeros(self.out_features, r, device=device, dtype=dtype),
@@ -152,7 +160,14 @@ class GatedLoRALinear(nn.Module):
         logits = self.gate_logits
         if self.train_only == "weights":
             logits = zero_gradient(logits)
+        if self.gate_activation == "identity":
+            return mask * logits
         return mask * 2.0 * torch.sigmoid(logits)
+
+    def initial_gate_logits(self, k: int, device=None, dtype=None) -> torch.Tensor:
+        """Gate logits of k new ranks: the values that make their gates 1."""
+        fill = 0.0 if self.gate_activation == "sigmoid" else 1.0
+        return torch.full((k,), fill, device=device, dtype=dtype)
 
     def trainable_names(self) -> tuple[str, ...]:
         """The names of this module's trained tensors: A and B, plus the gate logits (DNAS)."""
@@ -233,7 +248,7 @@ class GatedLoRALinear(nn.Module):
             torch.cat([self.lora_gate, torch.ones(k, device=device, dtype=dtype)]),
             None
             if self.gate_logits is None
-            else torch.cat([self.gate_logits.data, torch.zeros(k, device=device, dtype=dtype)]),
+            else torch.cat([self.gate_logits.data, self.initial_gate_logits(k, device, dtype)]),
         )
 
     def set_adapter_tensors(
@@ -263,8 +278,8 @@ class GatedLoRALinear(nn.Module):
             self.lora_B = nn.Parameter(b.contiguous(), requires_grad=trainable)
         self.lora_gate = gate.contiguous()
         if self.relaxed_gates:
-            if gate_logits is None:  # new ranks' relaxed gates start at a = 0 (g = 1)
-                gate_logits = torch.zeros_like(gate)
+            if gate_logits is None:  # new ranks' relaxed gates start at g = 1
+                gate_logits = self.initial_gate_logits(r, gate.device, gate.dtype)
             self.gate_logits = (
                 nn.Parameter(gate_logits.contiguous(), requires_grad=trainable) if r else None
             )

@@ -46,6 +46,7 @@ from alora_ds.allocation import (  # noqa: E402
     plan_round,
     pruned_by_module,
     resolve_prune_count,
+    select_pruned,
 )
 from alora_ds.checkpoint import (  # noqa: E402
     find_checkpoint,
@@ -256,7 +257,7 @@ def train(argv: Sequence[str] | None = None) -> int:
     ds_config = resolve_batch_sizes(load_ds_config(cfg.ds_config), cfg, world_size, cfg.ds_config)
     dtype = D.model_dtype(ds_config)
     check_task(cfg.task)
-    if cfg.method not in (*ROUND_METHODS, "lora"):
+    if cfg.method not in (*ROUND_METHODS, "lora", "sora"):
         raise InputError(f"--method {cfg.method} is not implemented in this version")
     tokenizer = load_tokenizer(cfg)
     train_examples, train_stats = build_split(
@@ -307,7 +308,10 @@ def train(argv: Sequence[str] | None = None) -> int:
     )
     num_modules = len(find_target_modules(skeleton, cfg.target_modules))
     rank_budget = cfg.rank_budget or 8 * num_modules
-    r_init = initial_rank(rank_budget, num_modules)
+    sora = cfg.method == "sora"
+    # SoRA starts at twice the rank and ends pruned to the budget by its gates (as in its paper).
+    start_budget = 2 * rank_budget if sora else rank_budget
+    r_init = initial_rank(start_budget, num_modules)
     vocab = skeleton.get_input_embeddings().num_embeddings
     del skeleton
     if len(tokenizer) > vocab:
@@ -394,12 +398,13 @@ def train(argv: Sequence[str] | None = None) -> int:
         model.enable_input_require_grads()
     modules = inject_gated_lora(
         model,
-        rank_budget,
+        start_budget,
         target_modules=cfg.target_modules,
         lora_alpha=cfg.lora_alpha,
         dropout=cfg.lora_dropout,
         seed=cfg.seed,
-        relaxed_gates=dnas,
+        relaxed_gates=dnas or sora,
+        gate_activation="identity" if sora else "sigmoid",
         dtype=dtype,
     )
     model.to(info.device)
@@ -416,7 +421,9 @@ def train(argv: Sequence[str] | None = None) -> int:
     )
     engine = D.create_engine(model, ds_config, settings)
     # Parameters per rank: A's row and B's column, plus the gate logit in DNAS.
-    rank_costs = {name: m.in_features + m.out_features + dnas for name, m in modules.items()}
+    rank_costs = {
+        name: m.in_features + m.out_features + (dnas or sora) for name, m in modules.items()
+    }
     tracker = SensitivityTracker() if cfg.method == "alora-sensi" else None
     initial_ranks = rank_map(model)
     param_budget = parameter_count(rank_map(model), rank_costs) if cfg.cap_parameters else None
@@ -538,6 +545,7 @@ def train(argv: Sequence[str] | None = None) -> int:
         else:
             D.set_learning_rate(engine, lr)
         pool = pools[part]
+        stepped = True
         micro_batches = micro_batch_indices(
             len(pool),
             seed=cfg.seed + part,
@@ -567,6 +575,7 @@ def train(argv: Sequence[str] | None = None) -> int:
                 # gradient_accumulation_steps is 1 (checked at start): nothing is accumulated
                 # yet, so leaving out backward and step leaves weights and Adam untouched.
                 skipped_steps += 1
+                stepped = False
                 log(
                     info, f"step {step + 1}: non-finite loss, step skipped ({skipped_steps} so far)"
                 )
@@ -579,6 +588,8 @@ def train(argv: Sequence[str] | None = None) -> int:
             tokens_seen += float(batch["attention_mask"].sum())
             all_tokens += float(batch["attention_mask"].sum())
         done = step + 1
+        if sora and stepped:
+            D.proximal_gate_step(modules, lr * cfg.sora_lambda)
         record: dict = {}
         fire(fault, "kill", "step", done, info.rank)
         fire(fault, "raise", "step", done, info.rank)
@@ -689,7 +700,8 @@ def train(argv: Sequence[str] | None = None) -> int:
             record["dev_loss"] = dev_loss
             if dev_loss < best_loss:
                 best_loss, evals_without_gain = dev_loss, 0
-                export(output_dir / "best_adapter", history)
+                if not sora:  # SoRA's adapter fits the budget only after its final pruning
+                    export(output_dir / "best_adapter", history)
             else:
                 evals_without_gain += 1
 
@@ -728,6 +740,24 @@ def train(argv: Sequence[str] | None = None) -> int:
             )
             break
 
+    if sora:  # keep the rank_budget ranks with the largest |g| (gates at 0 go first)
+        gates = D.gate_value_scores(model)
+        magnitude = {name: [abs(g) for g in values] for name, values in gates.items()}
+        live = sum(len(v) for v in magnitude.values())
+        zeros = sum(g == 0 for values in gates.values() for g in values)
+        pruned = select_pruned(magnitude, max(live - rank_budget, zeros))
+        by_module: dict[str, list[int]] = defaultdict(list)
+        for name, index in pruned:
+            by_module[name].append(index)
+        final_plan = {"gates": gates, "pruned": [list(p) for p in pruned]}
+        engine = D.rebuild_engine(
+            engine, model, ds_config, settings, info, final_plan, by_module, {},
+            seed=cfg.seed, round_index=0,
+        )  # fmt: skip
+        final_plan["ranks_after"] = rank_map(model)
+        if info.is_main:
+            atomic_write_json(output_dir / "allocation" / "sora_final_prune.json", final_plan)
+        log(info, f"SoRA: {zeros} gates at zero; pruned {len(pruned)} ranks to the budget")
     export(output_dir / "adapter", history)
     final = rank_map(model)
     wall_s = earlier_wall_s + time.perf_counter() - run_start
@@ -762,7 +792,9 @@ def train(argv: Sequence[str] | None = None) -> int:
     )
     log(
         info,
-        f"outputs in {output_dir}: adapter/, best_adapter/, allocation/, metrics.jsonl, "
+        f"outputs in {output_dir}: adapter/, "
+        + ("" if sora else "best_adapter/, ")
+        + "allocation/, metrics.jsonl, "
         "config.json, summary.json, ranks.png" + (", base_model/" if random_init else ""),
     )
     D.barrier()

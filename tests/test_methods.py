@@ -97,3 +97,23 @@ def test_variant_runs_under_zero3_within_its_budget(method, tmp_path):
     assert summary["adapter_params_end"] <= summary["adapter_params_peak"] == budget
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_sora_starts_at_twice_the_rank_and_ends_at_the_budget(tmp_path):
+    out = tmp_path / "sora"
+    result = run_train(out, "--method", "sora", "--sora_lambda", "2", "--report_to", "none")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_rounds(out) == []  # no allocation rounds: the L1 step on the gates decides
+    final = json.loads((out / "allocation" / "sora_final_prune.json").read_text())
+    gates = final["gates"]
+    assert all(len(g) == 4 for g in gates.values())  # r_init 2 x 2 on each of 14 modules
+    assert sum(final["ranks_after"].values()) == BUDGET
+    # The pruned ranks are those with the smallest |g|, ties by (module, index).
+    ranked = sorted((abs(g), n, i) for n, values in gates.items() for i, g in enumerate(values))
+    assert sorted(final["pruned"]) == sorted([n, i] for _, n, i in ranked[: 2 * BUDGET - BUDGET])
+    assert any(g != 1.0 for values in gates.values() for g in values)  # the gates were trained
+    summary = json.loads((out / "summary.json").read_text())
+    start = 2 * (PARAM_BUDGET + BUDGET)  # every rank also holds its gate
+    assert summary["adapter_params_start"] == summary["adapter_params_peak"] == start
+    assert summary["total_ranks_end"] == BUDGET
+    assert not (out / "best_adapter").exists()
