@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -461,7 +461,9 @@ def adapter_values_and_grads(
                 grad = torch.zeros(shape) if grad is None else grad.reshape(shape).float().cpu()
             else:
                 value = param.detach().float().cpu()
-                grad = param.grad.float().cpu() if param.grad is not None else torch.zeros_like(value)
+                grad = (
+                    param.grad.float().cpu() if param.grad is not None else torch.zeros_like(value)
+                )
             out[name][pname] = (value, grad)
     return out
 
@@ -508,6 +510,7 @@ def distributed_ab_lora_scores(
     max_rows: int = 0,
     stats: ScoringStats | None = None,
     engine: deepspeed.DeepSpeedEngine | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RankScores:
     """AB-LoRA scores with the ablations shared out over the processes.
 
@@ -538,6 +541,7 @@ def distributed_ab_lora_scores(
             gather=gather,
             stats=stats,
             start_of_pass=reset,
+            progress=progress,
         )
     modules = gated_modules(model)
     candidates = all_candidates(modules)
@@ -546,7 +550,7 @@ def distributed_ab_lora_scores(
     share: list[tuple[str, int] | None] = list(candidates[info.rank :: world])
     share += [None] * (per_process - len(share))
     s_m, s_base = reference_scores(model, batches)
-    mine = torch.tensor(ablation_scores(model, batches, share), dtype=torch.float64)
+    mine = torch.tensor(ablation_scores(model, batches, share, progress), dtype=torch.float64)
     mine = mine.reshape(per_process, 2).to(info.device)
     everyone = [t.cpu() for t in all_gather_tensor(mine)]
     results = [tuple(everyone[i % world][i // world].tolist()) for i in range(len(candidates))]

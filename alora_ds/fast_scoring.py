@@ -34,6 +34,8 @@ from alora_ds.lora import GatedLoRALinear
 from alora_ds.scoring import (
     Batch,
     Candidate,
+    CandidateProgress,
+    Progress,
     RankScores,
     all_candidates,
     assemble_scores,
@@ -183,13 +185,16 @@ def fast_ablation_scores(
     gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
     stats: ScoringStats | None = None,
     start_of_pass: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> RankScores:
     """AB-LoRA scores of every live rank, exact, with prefix caching and candidate batching.
 
     With world_size > 1 every process must call this with the same batches; `gather` returns
     every process's tensor (an all-gather) and is called once. `start_of_pass` runs before each
     pass through the layers, which never goes through the model's own forward (ZeRO-3 resets
-    its parameter-fetch bookkeeping there).
+    its parameter-fetch bookkeeping there). `progress` is called after each block of
+    candidates with counts that add up to the number of live ranks (of all processes: see
+    CandidateProgress).
     """
     start_of_pass = start_of_pass or (lambda: None)
     if not LlamaStack.supports(model):
@@ -202,6 +207,8 @@ def fast_ablation_scores(
     mine = [shares[rank] for shares in layout]  # this process's padded share of each group
     stats = stats if stats is not None else ScoringStats()
     slots = sum(len(share) for share in mine)
+    # Work units: every slot (padding too: it costs the same forwards) in both modes, per chunk.
+    counter = CandidateProgress(progress, 2 * slots * len(batches), len(all_candidates(modules)))
     loss_sums = torch.zeros(slots, 2, dtype=torch.float64)  # (slot, mode)
     reference = torch.zeros(2, dtype=torch.float64)  # S(M), S(base) loss sums
     total_tokens = 0
@@ -250,6 +257,7 @@ def fast_ablation_scores(
                                 cache[mode][layer_index][half], ctx, labels, saved_gates, stats,
                             )  # fmt: skip
                             loss_sums[slot + start : slot + start + len(block), mode] += losses
+                            counter.advance(len(block))
                     slot += len(share)
         finally:
             for name, module in modules.items():

@@ -10,6 +10,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
@@ -73,39 +74,60 @@ def _check_model_path(model_name_or_path: str) -> None:
 
 
 def _load_error(model_name_or_path: str, exc: Exception) -> InputError:
+    if "trust_remote_code" in str(exc):
+        return InputError(
+            f"model {model_name_or_path} ships its own Python code, which runs only with "
+            "--trust_remote_code"
+        )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return InputError(f"cannot load model {model_name_or_path!r}: {first_line}")
 
 
-def empty_causal_lm(model_name_or_path: str) -> torch.nn.Module:
+# Every load passes trust_remote_code explicitly: transformers' default (None) asks on the
+# terminal and runs the model's own code on a "y".
+
+
+def empty_causal_lm(model_name_or_path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model's architecture on the meta device (no memory, no weights): enough to check
     module names and shapes before paying for a real load."""
     _check_model_path(model_name_or_path)
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _load_error(model_name_or_path, exc) from exc
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_causal_lm(
-    model_name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    model_name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> torch.nn.Module:
     """A causal LM from a local directory (or a hub id when the hub can be reached)."""
-    return _from_pretrained(model_name_or_path, dtype, "sdpa").to(device).eval()
+    model = _from_pretrained(model_name_or_path, dtype, "sdpa", trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
 
 
 def _from_pretrained(
-    model_name_or_path: str, dtype: torch.dtype, attn_implementation: str
+    model_name_or_path: str,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    quantization_config: BitsAndBytesConfig | None = None,
+    trust_remote_code: bool = False,
 ) -> torch.nn.Module:
     """from_pretrained with a missing path or an unloadable model as a one-line InputError."""
     _check_model_path(model_name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            model_name_or_path, dtype=dtype, attn_implementation=attn_implementation
+            model_name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            quantization_config=quantization_config,
+            trust_remote_code=trust_remote_code,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise _load_error(model_name_or_path, exc) from exc
 
 
@@ -139,8 +161,46 @@ def read_model_config(path: str | Path) -> PretrainedConfig:
 def empty_from_config(path: str | Path) -> torch.nn.Module:
     """The architecture of a config file on the meta device (no memory, no weights)."""
     config = read_model_config(path)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (RuntimeError, ValueError) as exc:  # e.g. a negative size
+        raise InputError(f"model config {path} cannot build a model: {exc}") from exc
+
+
+def check_load_in_4bit(model_name_or_path: str | None) -> None:
+    """Raise a one-line InputError unless a 4-bit (QLoRA) base can be loaded: bitsandbytes must
+    import, and there must be a pretrained checkpoint to quantise.
+
+    A randomly initialised base is refused rather than quantised after it is built: it is saved
+    unquantised to base_model/ so that peft can load the adapter on its own, and an adapter
+    trained against the nf4-rounded weights would not match that saved base.
+    """
+    try:
+        import bitsandbytes  # noqa: F401  (optional: only QLoRA needs it)
+    except ImportError as exc:
+        raise InputError(
+            f"load_in_4bit needs bitsandbytes, which cannot be imported ({exc}); "
+            "pip install bitsandbytes"
+        ) from exc
+    if model_name_or_path is None:
+        raise InputError(
+            "load_in_4bit quantises a pretrained checkpoint: pass model_name_or_path (a randomly "
+            "initialised base is saved unquantised for peft, so it is trained unquantised too)"
+        )
+
+
+def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's quantisation: nf4 weights, matmuls in the run's dtype, and the packed 4-bit
+    weights stored in the run's dtype too, so that every parameter ZeRO-3 (or FSDP) shards has
+    one dtype, as transformers and peft prescribe for sharded QLoRA. (DeepSpeed 0.19.8 on CPU
+    also sharded uint8 storage correctly; GPUs were not tried.)"""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
 
 
 def load_base_model(
@@ -151,15 +211,27 @@ def load_base_model(
     attn_implementation: str,
     seed: int,
     loading_context: contextlib.AbstractContextManager,
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[torch.nn.Module, bool]:
     """The base model, and whether it was randomly initialised.
 
     `loading_context` is entered around the load; under ZeRO-3 it partitions the weights as
-    they are created (see alora_ds.dist.partitioned_loading).
+    they are created (see alora_ds.dist.partitioned_loading). A quantised model is never
+    partitioned while loading (transformers loads it whole on every process); ZeRO-3 partitions
+    its packed weights when the engine is created. `load_in_4bit` loads the linear layers of the
+    decoder as bitsandbytes nf4 `Linear4bit` (QLoRA); embeddings, norms and the LM head keep
+    `dtype`.
     """
+    if load_in_4bit:
+        check_load_in_4bit(model_name_or_path)
     with loading_context:
         if model_name_or_path is not None:
-            return _from_pretrained(model_name_or_path, dtype, attn_implementation), False
+            quantization = nf4_config(dtype) if load_in_4bit else None
+            model = _from_pretrained(
+                model_name_or_path, dtype, attn_implementation, quantization, trust_remote_code
+            )
+            return model, False
         config = read_model_config(model_config or TINY_LLAMA_CONFIG)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -13,7 +13,7 @@ scorers are checked against. Plain torch: the distributed split lives in alora_d
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +26,9 @@ from alora_ds.lora import GatedLoRALinear
 
 Batch = Mapping[str, torch.Tensor]
 Candidate = tuple[str, int]  # (module name, rank index)
+# A scorer's progress callback: called with how many more live ranks are scored; the calls add up
+# to the number of live ranks of the model (a progress bar's update).
+Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -130,18 +133,49 @@ def all_candidates(modules: Mapping[str, GatedLoRALinear]) -> list[Candidate]:
     return [(name, index) for name, module in modules.items() for index in range(module.r)]
 
 
+class CandidateProgress:
+    """Turns the work units a scorer has finished into live ranks scored, for a `Progress`
+    callback.
+
+    On several processes each one works through its own share of the candidates in lockstep
+    with the others (ZeRO-3 forwards are collective), so the fraction of its own units a
+    process has done is the fraction of the round done: each process reports
+    `num_candidates * done // units`, and the calls add up to exactly `num_candidates`.
+    """
+
+    def __init__(self, callback: Progress | None, units: int, num_candidates: int) -> None:
+        self.callback = callback
+        self.units = units
+        self.num_candidates = num_candidates
+        self.done = 0
+        self.reported = 0
+
+    def advance(self, units: int = 1) -> None:
+        if self.callback is None or self.units == 0:
+            return
+        self.done += units
+        scored = self.num_candidates * min(self.done, self.units) // self.units
+        if scored > self.reported:
+            self.callback(scored - self.reported)
+            self.reported = scored
+
+
 @torch.no_grad()
 def ablation_scores(
     model: nn.Module,
     batches: Sequence[Batch],
     candidates: Sequence[Candidate | None],
+    progress: Progress | None = None,
 ) -> list[tuple[float, float]]:
     """(S(M \\ r), S(M_r)) for each candidate, the direct way (two forwards over the batches each).
 
     A `None` candidate runs the same forwards with nothing switched: distributed callers pad their
-    share with it so every process runs the same number of forwards in lockstep.
+    share with it so every process runs the same number of forwards in lockstep. `progress` is
+    called as the ablations finish, with counts that add up to the model's number of live ranks
+    (see CandidateProgress: a share's progress stands for the whole round's).
     """
     modules = gated_modules(model)
+    counter = CandidateProgress(progress, 2 * len(candidates), len(all_candidates(modules)))
     results_without: list[float] = []
     results_only: list[float] = []
     with eval_mode(model), preserved_gates(modules):
@@ -151,6 +185,7 @@ def ablation_scores(
             results_without.append(validation_score(model, batches))
             if candidate is not None:
                 modules[candidate[0]].lora_gate[candidate[1]] = 1
+            counter.advance()
         for module in modules.values():  # M_r: every LoRA rank off, one on
             module.lora_gate.zero_()
         for candidate in candidates:
@@ -159,6 +194,7 @@ def ablation_scores(
             results_only.append(validation_score(model, batches))
             if candidate is not None:
                 modules[candidate[0]].lora_gate[candidate[1]] = 0
+            counter.advance()
     return list(zip(results_without, results_only, strict=True))
 
 
@@ -197,12 +233,16 @@ def assemble_scores(
     return RankScores(S_M=s_m, S_base=s_base, S_without=s_without, S_only=s_only)
 
 
-def ab_lora_scores(model: nn.Module, batches: Sequence[Batch]) -> RankScores:
-    """AB-LoRA scores of every live rank of every gated module, on one process, the direct way."""
+def ab_lora_scores(
+    model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None
+) -> RankScores:
+    """AB-LoRA scores of every live rank of every gated module, on one process, the direct way.
+
+    `progress(n)`: n more ranks scored (the calls add up to the number of live ranks)."""
     modules = gated_modules(model)
     if not modules:
         raise ValueError("the model has no gated LoRA module to score")
     candidates = all_candidates(modules)
     s_m, s_base = reference_scores(model, batches)
-    results = ablation_scores(model, batches, candidates)
+    results = ablation_scores(model, batches, candidates, progress)
     return assemble_scores(modules, s_m, s_base, candidates, results)

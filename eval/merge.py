@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from alora_ds.errors import ArgumentParser, InputError, run_cli
 from alora_ds.export import atomic_output_dir, check_replaceable
 from alora_ds.files import check_output_location
-from alora_ds.modeling import DTYPES, parse_dtype
+from alora_ds.modeling import DTYPES, empty_causal_lm, parse_dtype
 from alora_ds.peft_io import PeftLoraAdapter, check_adapter_fits, read_peft_adapter
 
 # Files a tokenizer may consist of (LLaMA: tokenizer.model / tokenizer.json plus the configs).
@@ -74,23 +74,8 @@ def first_line(exc: Exception) -> str:
 
 def base_skeleton(model_name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
     """The base architecture on the meta device (no weights), to check an adapter against.
-
-    Code shipped with the model runs only with `trust_remote_code`: False is passed explicitly,
-    since transformers' default (None) asks on the terminal and runs the code on a "y".
-    """
-    if model_name_or_path.startswith((".", "/")) and not Path(model_name_or_path).exists():
-        raise InputError(f"model directory {model_name_or_path} does not exist")
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if "trust_remote_code" in str(exc):
-            raise InputError(
-                f"model {model_name_or_path} ships its own Python code, which runs only with "
-                "--trust_remote_code"
-            ) from exc
-        raise InputError(f"cannot load model {model_name_or_path!r}: {first_line(exc)}") from exc
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    Code shipped with the model runs only with `trust_remote_code`."""
+    return empty_causal_lm(model_name_or_path, trust_remote_code)
 
 
 def load_base(

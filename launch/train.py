@@ -79,6 +79,7 @@ from alora_ds.inject import (  # noqa: E402
 )
 from alora_ds.modeling import (  # noqa: E402
     TINY_LLAMA_CONFIG,
+    check_load_in_4bit,
     empty_causal_lm,
     empty_from_config,
     load_base_model,
@@ -93,6 +94,14 @@ from alora_ds.schedule import (  # noqa: E402
 )
 from alora_ds.sensitivity import SensitivityTracker  # noqa: E402
 from alora_ds.tasks import build_tiny_tokenizer  # noqa: E402
+from alora_ds.tracking import (  # noqa: E402
+    MetricsSink,
+    ScoringProgress,
+    TrainProgress,
+    check_report_to,
+    print_line,
+    quiet_library_noise,
+)
 
 RUN_MARKER = "config.json"
 # Methods with allocation rounds; they differ only in where a round's scores come from.
@@ -149,7 +158,7 @@ def fire(fault: Fault | None, kind: str, point: str, at: int, rank: int) -> None
 
 def log(info: D.DistInfo | None, message: str) -> None:
     if info is None or info.is_main:
-        print(message, flush=True)
+        print_line(message)  # through tqdm, so an open progress bar is redrawn below it
 
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -198,8 +207,13 @@ def load_tokenizer(cfg: TrainConfig):
     if source is None:
         return build_tiny_tokenizer()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise InputError(
+                f"tokenizer {source} ships its own Python code, which runs only with "
+                "--trust_remote_code"
+            ) from exc
         raise InputError(f"cannot load tokenizer {source!r}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # LLaMA ships without a pad token
@@ -248,8 +262,15 @@ def train(argv: Sequence[str] | None = None) -> int:
         if cfg.resume_from_checkpoint and not cfg.overwrite_output_dir
         else None
     )
+    # `auto` with no checkpoint yet: the run died before its first one (a requeued job); start
+    # it again from scratch, once its options are checked to be the same run's.
+    restart = (
+        resume_path is None
+        and cfg.resume_from_checkpoint == "auto"
+        and (output_dir / RUN_MARKER).is_file()
+    )
     if resume_path is None:
-        check_output_dir(output_dir, cfg.overwrite_output_dir)
+        check_output_dir(output_dir, cfg.overwrite_output_dir or restart)
     # Under srun nothing has set WORLD_SIZE yet: map Slurm's variables first (a no-op under
     # deepspeed or torchrun, which set RANK).
     os.environ.update(D.slurm_environment(os.environ))
@@ -257,6 +278,9 @@ def train(argv: Sequence[str] | None = None) -> int:
     ds_config = resolve_batch_sizes(load_ds_config(cfg.ds_config), cfg, world_size, cfg.ds_config)
     dtype = D.model_dtype(ds_config)
     check_task(cfg.task)
+    check_report_to(cfg.report_to)
+    if cfg.load_in_4bit:
+        check_load_in_4bit(cfg.model_name_or_path)
     if cfg.method not in (*ROUND_METHODS, "lora", "sora"):
         raise InputError(f"--method {cfg.method} is not implemented in this version")
     tokenizer = load_tokenizer(cfg)
@@ -267,7 +291,7 @@ def train(argv: Sequence[str] | None = None) -> int:
         cfg.task, cfg.validation_file, "validation", tokenizer, cfg.max_seq_length, cfg.dataset_name
     )
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    if resume_path is not None:
+    if resume_path is not None or restart:
         check_resume_config(output_dir, cfg, global_batch)
     if cfg.skip_nonfinite and cfg.gradient_accumulation_steps > 1:
         raise InputError(
@@ -302,7 +326,7 @@ def train(argv: Sequence[str] | None = None) -> int:
     )
     # The architecture on the meta device: target modules and budget checked before loading.
     skeleton = (
-        empty_causal_lm(cfg.model_name_or_path)
+        empty_causal_lm(cfg.model_name_or_path, cfg.trust_remote_code)
         if cfg.model_name_or_path
         else empty_from_config(cfg.model_config or TINY_LLAMA_CONFIG)
     )
@@ -322,6 +346,7 @@ def train(argv: Sequence[str] | None = None) -> int:
 
     # ---- processes, data and model ----------------------------------------------------------
     info = D.init_distributed(cfg.dist_timeout)
+    quiet_library_noise(info.is_main)
     if info.world_size != world_size:
         raise InputError(f"WORLD_SIZE is {world_size} but the process group has {info.world_size}")
     torch.manual_seed(cfg.seed)
@@ -351,7 +376,7 @@ def train(argv: Sequence[str] | None = None) -> int:
     )
 
     if info.is_main and resume_path is None:
-        if output_dir.exists() and cfg.overwrite_output_dir:
+        if output_dir.exists() and (cfg.overwrite_output_dir or restart):
             shutil.rmtree(output_dir)
         (output_dir / "allocation").mkdir(parents=True)
         atomic_write_json(
@@ -381,6 +406,8 @@ def train(argv: Sequence[str] | None = None) -> int:
         attn_implementation=attn,
         seed=cfg.seed,
         loading_context=D.partitioned_loading(ds_config),
+        load_in_4bit=cfg.load_in_4bit,
+        trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False
     base_name = cfg.model_name_or_path
@@ -534,211 +561,238 @@ def train(argv: Sequence[str] | None = None) -> int:
     fault = Fault.parse(os.environ.get(FAULT_ENV))
     tokens_seen, window_start = 0.0, time.perf_counter()
     run_start = time.perf_counter()
-    for step in range(start_step, schedule.total_steps):
-        model.train()
-        lr = schedule.lr_at(step, cfg.learning_rate)
-        part = step % len(pools)  # DNAS: even steps train the weights on D1, odd the gates on D2
-        if dnas:
-            for module in modules.values():
-                module.train_only = ("weights", "gates")[part]
-            D.set_learning_rate(engine, lr * (part == 0), gates_lr=lr * (part == 1))
-        else:
-            D.set_learning_rate(engine, lr)
-        pool = pools[part]
-        stepped = True
-        micro_batches = micro_batch_indices(
-            len(pool),
-            seed=cfg.seed + part,
-            step=step // len(pools),
-            steps_per_epoch=pool_steps[part],
-            micro_batch=cfg.per_device_train_batch_size,
-            accumulation=cfg.gradient_accumulation_steps,
-            world_size=info.world_size,
-            rank=info.rank,
-        )
-        for micro, indices in enumerate(micro_batches):
-            batch = {
-                k: v.to(info.device)
-                for k, v in collate([train_examples[pool[i]] for i in indices], pad_id).items()
-            }
-            loss = engine(**batch).loss  # mean over this micro-batch's supervised tokens
-            if fault is not None and fault.hits("nan", "step", step + 1, info.rank):
-                loss = loss * float("nan")
-            # One process's NaN must stop (or skip) every process: agree before the backward.
-            if not D.all_agree(bool(torch.isfinite(loss.detach())), info.device):
-                if not cfg.skip_nonfinite:
-                    raise RunFailure(
-                        f"the loss is not finite at step {step + 1}; {last_checkpoint()}; resume "
-                        "from it with a lower --learning_rate, or pass --skip_nonfinite to skip "
-                        "such steps"
+    sink = MetricsSink(
+        output_dir, is_main=info.is_main, report_to=cfg.report_to, run_config=to_json(cfg),
+        resume_step=start_step if resume_path is not None else None,
+    )  # fmt: skip
+    show_bars = info.is_main and cfg.progress_bar
+    progress = TrainProgress(schedule.total_steps, enabled=show_bars, initial=start_step)
+    tokens_per_s = None
+    with sink, progress:  # closed, and the bar cleared, before any error line is printed
+        for step in range(start_step, schedule.total_steps):
+            model.train()
+            lr = schedule.lr_at(step, cfg.learning_rate)
+            part = step % len(
+                pools
+            )  # DNAS: even steps train the weights on D1, odd the gates on D2
+            if dnas:
+                for module in modules.values():
+                    module.train_only = ("weights", "gates")[part]
+                D.set_learning_rate(engine, lr * (part == 0), gates_lr=lr * (part == 1))
+            else:
+                D.set_learning_rate(engine, lr)
+            pool = pools[part]
+            stepped = True
+            micro_batches = micro_batch_indices(
+                len(pool),
+                seed=cfg.seed + part,
+                step=step // len(pools),
+                steps_per_epoch=pool_steps[part],
+                micro_batch=cfg.per_device_train_batch_size,
+                accumulation=cfg.gradient_accumulation_steps,
+                world_size=info.world_size,
+                rank=info.rank,
+            )
+            for micro, indices in enumerate(micro_batches):
+                batch = {
+                    k: v.to(info.device)
+                    for k, v in collate([train_examples[pool[i]] for i in indices], pad_id).items()
+                }
+                loss = engine(**batch).loss  # mean over this micro-batch's supervised tokens
+                if fault is not None and fault.hits("nan", "step", step + 1, info.rank):
+                    loss = loss * float("nan")
+                # One process's NaN must stop (or skip) every process: agree before the backward.
+                if not D.all_agree(bool(torch.isfinite(loss.detach())), info.device):
+                    if not cfg.skip_nonfinite:
+                        raise RunFailure(
+                            f"the loss is not finite at step {step + 1}; {last_checkpoint()}; resume "
+                            "from it with a lower --learning_rate, or pass --skip_nonfinite to skip "
+                            "such steps"
+                        )
+                    # gradient_accumulation_steps is 1 (checked at start): nothing is accumulated
+                    # yet, so leaving out backward and step leaves weights and Adam untouched.
+                    skipped_steps += 1
+                    stepped = False
+                    log(
+                        info,
+                        f"step {step + 1}: non-finite loss, step skipped ({skipped_steps} so far)",
                     )
-                # gradient_accumulation_steps is 1 (checked at start): nothing is accumulated
-                # yet, so leaving out backward and step leaves weights and Adam untouched.
-                skipped_steps += 1
-                stepped = False
-                log(
-                    info, f"step {step + 1}: non-finite loss, step skipped ({skipped_steps} so far)"
-                )
-                break
-            engine.backward(loss)
-            if tracker is not None and micro == len(micro_batches) - 1:
-                # The step's whole gradient exists only now, between backward and step.
-                tracker.update(D.adapter_values_and_grads(engine, modules))
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
-            tokens_seen += float(batch["attention_mask"].sum())
-            all_tokens += float(batch["attention_mask"].sum())
-        done = step + 1
-        if sora and stepped:
-            D.proximal_gate_step(modules, lr * cfg.sora_lambda)
-        record: dict = {}
-        fire(fault, "kill", "step", done, info.rank)
-        fire(fault, "raise", "step", done, info.rank)
+                    break
+                engine.backward(loss)
+                if tracker is not None and micro == len(micro_batches) - 1:
+                    # The step's whole gradient exists only now, between backward and step.
+                    tracker.update(D.adapter_values_and_grads(engine, modules))
+                engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+                tokens_seen += float(batch["attention_mask"].sum())
+                all_tokens += float(batch["attention_mask"].sum())
+            done = step + 1
+            if sora and stepped:
+                D.proximal_gate_step(modules, lr * cfg.sora_lambda)
+            record: dict = {}
+            fire(fault, "kill", "step", done, info.rank)
+            fire(fault, "raise", "step", done, info.rank)
 
-        if round_index < len(schedule.round_after) and done == schedule.round_after[round_index]:
-            round_index += 1
-            start = time.perf_counter()
-            val_ids = draw_validation_indices(
-                len(dev_examples), val_examples, seed=cfg.seed, round_index=round_index
-            )
-            val_batches = make_batches(
-                [dev_examples[i] for i in val_ids], cfg.scoring_batch_size, pad_id, info.device
-            )
-            s_m = None  # S(M), the validation score of the full model: AB-LoRA's reference
-            if cfg.method == "alora":
-                scores = D.distributed_ab_lora_scores(
-                    model,
-                    val_batches,
-                    info,
-                    method=cfg.scoring,
-                    max_rows=cfg.scoring_max_rows,
-                    engine=engine,
+            if (
+                round_index < len(schedule.round_after)
+                and done == schedule.round_after[round_index]
+            ):
+                round_index += 1
+                start = time.perf_counter()
+                val_ids = draw_validation_indices(
+                    len(dev_examples), val_examples, seed=cfg.seed, round_index=round_index
                 )
-                importance, s_m = scores.importance, scores.S_M
-            elif cfg.method == "alora-sensi":
-                importance = tracker.rank_scores(rank_map(model))
-            else:  # alora-dnas: the relaxed gate values themselves
-                importance = D.gate_value_scores(model)
-            fire(fault, "kill", "scoring", round_index, info.rank)
-            try:
-                check_scores(importance)
-            except NonFiniteScore as exc:
-                raise RunFailure(f"round {round_index}: {exc}; {last_checkpoint()}") from exc
-            live = sum(len(v) for v in importance.values())
-            n_prune = resolve_prune_count(cfg.prune_per_round, live)
-            plan = plan_round(importance, n_prune, rank_costs=rank_costs, param_budget=param_budget)
-            round_file = {
-                "round": round_index,
-                "ranks_before": plan.ranks_before,
-                "scores": importance,
-                "S_M": s_m,
-                "pruned": [list(p) for p in plan.pruned],
-                "added": plan.added,
-                "ranks_after": plan.ranks_after,
-            }
-            scored_s = time.perf_counter() - start
-            engine = D.rebuild_engine(
-                engine,
-                model,
-                ds_config,
-                settings,
-                info,
-                plan.to_json(),
-                pruned_by_module(plan),
-                plan.added,
-                seed=cfg.seed,
-                round_index=round_index,
-                corrupt=(round_index == 1 and info.rank == corrupt_rank),
-            )
-            assert rank_map(model) == plan.ranks_after
-            if tracker is not None:
-                tracker.apply_plan(pruned_by_module(plan), plan.added)
-            peak_params = max(peak_params, parameter_count(plan.ranks_after, rank_costs))
-            assert sum(plan.ranks_after.values()) <= rank_budget
-            assert (
-                param_budget is None or parameter_count(rank_map(model), rank_costs) <= param_budget
-            )
-            if info.is_main:
-                atomic_write_json(
-                    output_dir / "allocation" / f"round_{round_index:02d}.json", round_file
+                val_batches = make_batches(
+                    [dev_examples[i] for i in val_ids], cfg.scoring_batch_size, pad_id, info.device
                 )
-                plot_rank_heatmap(
-                    plan.ranks_after,
-                    output_dir / "allocation" / f"ranks_round_{round_index:02d}.png",
-                    title=f"LoRA ranks after round {round_index}",
+                s_m = None  # S(M), the validation score of the full model: AB-LoRA's reference
+                if cfg.method == "alora":
+                    with ScoringProgress(
+                        sum(rank_map(model).values()), enabled=show_bars, round_index=round_index
+                    ) as scoring_bar:
+                        scores = D.distributed_ab_lora_scores(
+                            model,
+                            val_batches,
+                            info,
+                            method=cfg.scoring,
+                            max_rows=cfg.scoring_max_rows,
+                            engine=engine,
+                            progress=scoring_bar,
+                        )
+                    importance, s_m = scores.importance, scores.S_M
+                elif cfg.method == "alora-sensi":
+                    importance = tracker.rank_scores(rank_map(model))
+                else:  # alora-dnas: the relaxed gate values themselves
+                    importance = D.gate_value_scores(model)
+                fire(fault, "kill", "scoring", round_index, info.rank)
+                try:
+                    check_scores(importance)
+                except NonFiniteScore as exc:
+                    raise RunFailure(f"round {round_index}: {exc}; {last_checkpoint()}") from exc
+                live = sum(len(v) for v in importance.values())
+                n_prune = resolve_prune_count(cfg.prune_per_round, live)
+                plan = plan_round(
+                    importance, n_prune, rank_costs=rank_costs, param_budget=param_budget
                 )
-            history.append(
-                {
+                round_file = {
                     "round": round_index,
-                    "S_M": s_m,
+                    "ranks_before": plan.ranks_before,
                     "scores": importance,
+                    "S_M": s_m,
+                    "pruned": [list(p) for p in plan.pruned],
+                    "added": plan.added,
                     "ranks_after": plan.ranks_after,
                 }
-            )
-            round_s = time.perf_counter() - start
-            window_start += round_s  # tokens per second counts training time only
-            record.update(
-                round=round_index,
-                pruned=len(plan.pruned),
-                scoring_s=round(scored_s, 3),
-                rebuild_s=round(round_s - scored_s, 3),
-            )
-            pruned_types = Counter(module_type(n) for n, _ in plan.pruned)
-            log(
-                info,
-                f"round {round_index}: "
-                + (f"S(M) {s_m:.4f}, " if s_m is not None else "")
-                + f"pruned {len(plan.pruned)} "
-                f"{dict(pruned_types)}, added {sum(plan.added.values())} {plan.added}; "
-                f"scored in {scored_s:.1f}s",
-            )
+                scored_s = time.perf_counter() - start
+                engine = D.rebuild_engine(
+                    engine,
+                    model,
+                    ds_config,
+                    settings,
+                    info,
+                    plan.to_json(),
+                    pruned_by_module(plan),
+                    plan.added,
+                    seed=cfg.seed,
+                    round_index=round_index,
+                    corrupt=(round_index == 1 and info.rank == corrupt_rank),
+                )
+                assert rank_map(model) == plan.ranks_after
+                if tracker is not None:
+                    tracker.apply_plan(pruned_by_module(plan), plan.added)
+                peak_params = max(peak_params, parameter_count(plan.ranks_after, rank_costs))
+                assert sum(plan.ranks_after.values()) <= rank_budget
+                assert (
+                    param_budget is None
+                    or parameter_count(rank_map(model), rank_costs) <= param_budget
+                )
+                if info.is_main:
+                    atomic_write_json(
+                        output_dir / "allocation" / f"round_{round_index:02d}.json", round_file
+                    )
+                    plot_rank_heatmap(
+                        plan.ranks_after,
+                        output_dir / "allocation" / f"ranks_round_{round_index:02d}.png",
+                        title=f"LoRA ranks after round {round_index}",
+                    )
+                history.append(
+                    {
+                        "round": round_index,
+                        "S_M": s_m,
+                        "scores": importance,
+                        "ranks_after": plan.ranks_after,
+                    }
+                )
+                round_s = time.perf_counter() - start
+                window_start += round_s  # tokens per second counts training time only
+                record.update(
+                    round=round_index,
+                    pruned=len(plan.pruned),
+                    scoring_s=round(scored_s, 3),
+                    rebuild_s=round(round_s - scored_s, 3),
+                )
+                pruned_types = Counter(module_type(n) for n, _ in plan.pruned)
+                log(
+                    info,
+                    f"round {round_index}: "
+                    + (f"S(M) {s_m:.4f}, " if s_m is not None else "")
+                    + f"pruned {len(plan.pruned)} "
+                    f"{dict(pruned_types)}, added {sum(plan.added.values())} {plan.added}; "
+                    f"scored in {scored_s:.1f}s",
+                )
 
-        evaluating = done > schedule.last_round_step and (
-            (done - schedule.last_round_step) % cfg.eval_steps == 0 or done == schedule.total_steps
-        )
-        if evaluating:
-            dev_loss = D.distributed_loss(model, dev_batches, info)
-            record["dev_loss"] = dev_loss
-            if dev_loss < best_loss:
-                best_loss, evals_without_gain = dev_loss, 0
-                if not sora:  # SoRA's adapter fits the budget only after its final pruning
-                    export(output_dir / "best_adapter", history)
-            else:
-                evals_without_gain += 1
+            evaluating = done > schedule.last_round_step and (
+                (done - schedule.last_round_step) % cfg.eval_steps == 0
+                or done == schedule.total_steps
+            )
+            if evaluating:
+                dev_loss = D.distributed_loss(model, dev_batches, info)
+                record["dev_loss"] = dev_loss
+                if dev_loss < best_loss:
+                    best_loss, evals_without_gain = dev_loss, 0
+                    if not sora:  # SoRA's adapter fits the budget only after its final pruning
+                        export(output_dir / "best_adapter", history)
+                else:
+                    evals_without_gain += 1
 
-        if done % cfg.logging_steps == 0 or record or done == schedule.total_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens = D.all_reduce_sum([tokens_seen], info.device)[0]
-            record = {
-                "step": done,
-                "epoch": round(done / schedule.steps_per_epoch, 4),
-                "loss": float(loss.detach()) if torch.isfinite(loss.detach()) else None,
-                **({"skipped_steps": skipped_steps} if skipped_steps else {}),
-                "lr": schedule.lr_at(step, cfg.learning_rate),
-                "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-                **record,
-            }
-            tokens_seen, window_start = 0.0, time.perf_counter()
-            if info.is_main:
-                with metrics_file.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            log(
-                info,
-                " ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in record.items()
-                ),
+            if done % cfg.logging_steps == 0 or record or done == schedule.total_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens = D.all_reduce_sum([tokens_seen], info.device)[0]
+                record = {
+                    "step": done,
+                    "epoch": round(done / schedule.steps_per_epoch, 4),
+                    "loss": float(loss.detach()) if torch.isfinite(loss.detach()) else None,
+                    **({"skipped_steps": skipped_steps} if skipped_steps else {}),
+                    "lr": schedule.lr_at(step, cfg.learning_rate),
+                    "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+                    **record,
+                }
+                tokens_seen, window_start = 0.0, time.perf_counter()
+                tokens_per_s = record["tokens_per_s"]
+                sink.log(record, step=done)
+                log(
+                    info,
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in record.items()
+                    ),
+                )
+            progress.update(
+                done,
+                loss=float(loss.detach()),
+                lr=schedule.lr_at(step, cfg.learning_rate),
+                tokens_per_s=tokens_per_s,
             )
-        round_boundary = "round" in record
-        if done < schedule.total_steps and (
-            round_boundary or (cfg.save_steps and done % cfg.save_steps == 0)
-        ):
-            save(done)
-        if evals_without_gain >= cfg.patience:
-            log(
-                info,
-                f"early stopping at step {done}: no better dev loss in {cfg.patience} evaluations",
-            )
-            break
+            round_boundary = "round" in record
+            if done < schedule.total_steps and (
+                round_boundary or (cfg.save_steps and done % cfg.save_steps == 0)
+            ):
+                save(done)
+            if evals_without_gain >= cfg.patience:
+                log(
+                    info,
+                    f"early stopping at step {done}: no better dev loss in {cfg.patience} evaluations",
+                )
+                break
 
     if sora:  # keep the rank_budget ranks with the largest |g| (gates at 0 go first)
         gates = D.gate_value_scores(model)
@@ -795,7 +849,9 @@ def train(argv: Sequence[str] | None = None) -> int:
         f"outputs in {output_dir}: adapter/, "
         + ("" if sora else "best_adapter/, ")
         + "allocation/, metrics.jsonl, "
-        "config.json, summary.json, ranks.png" + (", base_model/" if random_init else ""),
+        "config.json, summary.json, ranks.png, checkpoints/"
+        + (", tensorboard/" if "tensorboard" in cfg.report_to else "")
+        + (", base_model/" if random_init else ""),
     )
     D.barrier()
     return 0

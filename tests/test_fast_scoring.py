@@ -114,3 +114,22 @@ def test_fast_equals_naive_under_zero3_on_two_processes(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rank 0: fast == naive" in result.stdout and "rank 1: fast == naive" in result.stdout
+
+
+@pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (0, 2), (1, 2)])
+def test_progress_adds_up_to_the_live_ranks_and_changes_no_score(rank, world_size):
+    model, _ = scored_model(layers=2)
+    batches = make_batches(random_examples(6, seed=3), 3)
+    calls: list[int] = []
+
+    def gather(local):  # stands in for the all-gather: only the progress is checked here
+        return [local] * world_size
+
+    fast = fast_ablation_scores(
+        model, batches, max_rows=6, rank=rank, world_size=world_size, gather=gather,
+        progress=calls.append,
+    )  # fmt: skip
+    assert sum(calls) == 28 and all(n > 0 for n in calls)
+    assert len(calls) > 2  # the bar moves during the round, not only at its end
+    if world_size == 1:
+        assert fast == fast_ablation_scores(model, batches, max_rows=6)  # bit-identical

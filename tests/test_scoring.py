@@ -7,7 +7,7 @@ import torch
 
 from alora_ds.data import collate, make_batches
 from alora_ds.inject import inject_gated_lora
-from alora_ds.scoring import ab_lora_scores, validation_score
+from alora_ds.scoring import ab_lora_scores, ablation_scores, all_candidates, validation_score
 from tests.conftest import random_examples
 
 
@@ -113,3 +113,20 @@ def test_no_supervised_token_is_an_error(tiny_model):
     tiny_model_without = type(tiny_model)(tiny_model.config)
     with pytest.raises(ValueError, match="no gated LoRA module to score"):
         ab_lora_scores(tiny_model_without, [batch])
+
+
+def test_progress_adds_up_to_the_live_ranks_and_changes_no_score(tiny_model):
+    modules = adapted(tiny_model)
+    batches = make_batches(random_examples(6), 4)
+    calls: list[int] = []
+    scores = ab_lora_scores(tiny_model, batches, progress=calls.append)
+    assert scores == ab_lora_scores(tiny_model, batches)  # bit-identical
+    assert sum(calls) == 28 and all(n > 0 for n in calls)
+    # One process's padded share of a 3-process round stands for the whole round: it runs in
+    # lockstep with the others.
+    candidates = all_candidates(modules)
+    share = candidates[1::3]
+    share += [None] * (-(-len(candidates) // 3) - len(share))
+    calls.clear()
+    ablation_scores(tiny_model, batches, share, progress=calls.append)
+    assert sum(calls) == len(candidates)

@@ -363,10 +363,7 @@ CASES: list[Case] = [
          "model_bad.json is not a valid config"),
     Case("train-model-config-negative-size", "train",
          lambda w: w.train(model_config=w.file("model_negative.json", tiny_llama_json(hidden_size=-16))),
-         "model_negative.json",
-         xfail="needs alora_ds/modeling.py change: empty_from_config (and load_base_model) must "
-               "turn the RuntimeError of from_config into an InputError naming the config file "
-               "(today: 'Trying to create tensor with negative dimension -16')"),
+         "model_negative.json"),
     Case("train-model-vocab-smaller-than-tokenizer", "train",
          lambda w: w.train(model_config=w.file("model_small_vocab.json", tiny_llama_json(vocab_size=64))),
          "the tokenizer has 1024 tokens but the model's vocabulary is 64"),

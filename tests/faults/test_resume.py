@@ -128,8 +128,12 @@ def test_resume_with_a_different_process_count(reference, tmp_path):
 
 def test_resume_refuses_a_changed_option(reference, tmp_path):
     out = tmp_path / "run"
-    result = launch(out, fault="kill@step:3")
-    assert result.returncode != 0
+    result = launch(out, "--resume_from_checkpoint", "auto", fault="kill@step:1")
+    assert result.returncode != 0 and not (out / "checkpoints").exists()
+    # Killed before its first checkpoint: `auto` starts the same run again from scratch.
+    result = launch(out, "--resume_from_checkpoint", "auto", fault="kill@step:3")
+    assert result.returncode != 0 and latest(out) == "step_0000002"
+    assert "resumed from" not in result.stdout
     result = launch(out, "--resume_from_checkpoint", "auto", "--learning_rate", "1e-3", procs=1)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

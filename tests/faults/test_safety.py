@@ -238,8 +238,8 @@ NEEDS_EXPLICIT_FALSE = (
         "eval.score",
         "eval.merge",
         "eval.mt_bench",
-        pytest.param("alora_ds.score", marks=pytest.mark.xfail(strict=True, reason=NEEDS_EXPLICIT_FALSE)),
-        pytest.param("train", marks=pytest.mark.xfail(strict=True, reason=NEEDS_EXPLICIT_FALSE + "; and launch/train.py must pass cfg.trust_remote_code to it and to AutoTokenizer.from_pretrained")),
+        "alora_ds.score",
+        "train",
     ],
 )  # fmt: skip
 def test_custom_code_is_refused_unrun(cli, custom_code_model, tiny, tmp_path: Path, capsys) -> None:
