@@ -442,7 +442,8 @@ def write_adapter_states(
 def adapter_values_and_grads(
     engine: deepspeed.DeepSpeedEngine, modules: Mapping[str, GatedLoRALinear]
 ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Full fp32 value and (process-averaged) gradient of every A and B (collective under ZeRO).
+    """Full fp32 value and (process-averaged) gradient of every A, B and gate logit (collective
+    under ZeRO).
 
     Call it after the backward of the last micro-batch of a step and before engine.step(): that
     is the only moment DeepSpeed holds the step's whole gradient.
@@ -450,7 +451,7 @@ def adapter_values_and_grads(
     out: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, module in modules.items():
         out[name] = {}
-        for pname in ADAPTER_PARAM_NAMES:
+        for pname in module.trainable_names():
             param = getattr(module, pname)
             if param is None:
                 continue
@@ -469,21 +470,37 @@ def adapter_values_and_grads(
 
 
 @torch.no_grad()
+def _write_trained(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Overwrite a trained parameter between steps (collective under ZeRO-3): its fp32 master
+    and its working copy, so the next forward and the next optimizer step both see `value`."""
+    if _has_master_copy(param):
+        _set_full(param, value.to(param.device))
+    with gathered([param], modifier_rank=0):
+        param.data.copy_(value.reshape(param.shape).to(param.device, param.dtype))
+
+
+def _full_value(param: nn.Parameter) -> torch.Tensor:
+    if _has_master_copy(param):
+        return safe_get_full_fp32_param(param).float().cpu()
+    return param.detach().float().cpu()
+
+
 def proximal_gate_step(modules: Mapping[str, GatedLoRALinear], threshold: float) -> None:
     """SoRA's L1 proximal step on every gate after the optimizer step:
-    g <- sign(g) max(|g| - threshold, 0), written into the fp32 masters (collective under ZeRO).
-
-    Under bf16 the working copy picks the new values up at the next step, as every update does.
-    """
+    g <- sign(g) max(|g| - threshold, 0) (collective under ZeRO)."""
     for module in modules.values():
-        param = module.gate_logits
-        if param is None:
-            continue
-        if _has_master_copy(param):
-            value = safe_get_full_fp32_param(param).float()
-            _set_full(param, torch.sign(value) * (value.abs() - threshold).clamp(min=0))
-        else:
-            param.copy_(torch.sign(param) * (param.abs() - threshold).clamp(min=0))
+        if module.gate_logits is not None:
+            value = _full_value(module.gate_logits)
+            _write_trained(
+                module.gate_logits, torch.sign(value) * (value.abs() - threshold).clamp(min=0)
+            )
+
+
+def set_gate_values(modules: Mapping[str, GatedLoRALinear], gates: Mapping[str, list]) -> None:
+    """Overwrite the identity gates (SoRA, AdaLoRA) of every module (collective under ZeRO)."""
+    for name, module in modules.items():
+        if module.gate_logits is not None:
+            _write_trained(module.gate_logits, torch.tensor(gates[name], dtype=torch.float32))
 
 
 def gate_value_scores(model: nn.Module) -> dict[str, list[float]]:

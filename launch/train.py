@@ -39,6 +39,7 @@ if not torch.cuda.is_available():
 from transformers import AutoTokenizer  # noqa: E402
 
 from alora_ds import dist as D  # noqa: E402
+from alora_ds.adalora import AdaLoraSchedule  # noqa: E402
 from alora_ds.allocation import (  # noqa: E402
     NonFiniteScore,
     check_scores,
@@ -281,8 +282,6 @@ def train(argv: Sequence[str] | None = None) -> int:
     check_report_to(cfg.report_to)
     if cfg.load_in_4bit:
         check_load_in_4bit(cfg.model_name_or_path)
-    if cfg.method not in (*ROUND_METHODS, "lora", "sora"):
-        raise InputError(f"--method {cfg.method} is not implemented in this version")
     tokenizer = load_tokenizer(cfg)
     train_examples, train_stats = build_split(
         cfg.task, cfg.train_file, "train", tokenizer, cfg.max_seq_length, cfg.dataset_name
@@ -298,7 +297,11 @@ def train(argv: Sequence[str] | None = None) -> int:
             "--skip_nonfinite needs --gradient_accumulation_steps 1 (a step whose gradients are "
             f"already partly accumulated cannot be dropped), got {cfg.gradient_accumulation_steps}"
         )
-    rounds = cfg.num_rounds if cfg.method in ROUND_METHODS else 0
+    # AdaLoRA prunes over the same window as ALoRA's rounds (from K1 to the last round), so the
+    # schedule is built with them; it just does no rounds at their steps.
+    rounds = cfg.num_rounds if cfg.method in (*ROUND_METHODS, "adalora") else 0
+    if cfg.method == "adalora" and cfg.num_rounds < 1:
+        raise InputError("--method adalora prunes between K1 and the last round: --num_rounds >= 1")
     dnas = cfg.method == "alora-dnas"
     # DNAS's bi-level split: adapter weights learn on D1, gate logits on D2, alternating steps.
     pools = (
@@ -332,9 +335,10 @@ def train(argv: Sequence[str] | None = None) -> int:
     )
     num_modules = len(find_target_modules(skeleton, cfg.target_modules))
     rank_budget = cfg.rank_budget or 8 * num_modules
-    sora = cfg.method == "sora"
-    # SoRA starts at twice the rank and ends pruned to the budget by its gates (as in its paper).
-    start_budget = 2 * rank_budget if sora else rank_budget
+    sora, adalora = cfg.method == "sora", cfg.method == "adalora"
+    identity_gates = sora or adalora
+    # SoRA and AdaLoRA start at twice the rank and end pruned to the budget (as in their papers).
+    start_budget = 2 * rank_budget if identity_gates else rank_budget
     r_init = initial_rank(start_budget, num_modules)
     vocab = skeleton.get_input_embeddings().num_embeddings
     del skeleton
@@ -430,8 +434,8 @@ def train(argv: Sequence[str] | None = None) -> int:
         lora_alpha=cfg.lora_alpha,
         dropout=cfg.lora_dropout,
         seed=cfg.seed,
-        relaxed_gates=dnas or sora,
-        gate_activation="identity" if sora else "sigmoid",
+        relaxed_gates=dnas or identity_gates,
+        gate_activation="identity" if identity_gates else "sigmoid",
         dtype=dtype,
     )
     model.to(info.device)
@@ -449,9 +453,23 @@ def train(argv: Sequence[str] | None = None) -> int:
     engine = D.create_engine(model, ds_config, settings)
     # Parameters per rank: A's row and B's column, plus the gate logit in DNAS.
     rank_costs = {
-        name: m.in_features + m.out_features + (dnas or sora) for name, m in modules.items()
+        name: m.in_features + m.out_features + m.relaxed_gates for name, m in modules.items()
     }
     tracker = SensitivityTracker() if cfg.method == "alora-sensi" else None
+    ada_schedule = (
+        AdaLoraSchedule(
+            list(modules),
+            init_r=r_init,
+            target_r=r_init // 2,
+            total_step=schedule.total_steps,
+            tinit=schedule.round_after[0],
+            tfinal=schedule.total_steps - schedule.last_round_step,
+        )  # fmt: skip
+        if adalora
+        else None
+    )
+    # Importance statistics that a checkpoint must carry (Sensi's, AdaLoRA's).
+    statistics = tracker or (ada_schedule.tracker if ada_schedule else None)
     initial_ranks = rank_map(model)
     param_budget = parameter_count(rank_map(model), rank_costs) if cfg.cap_parameters else None
     peak_params = parameter_count(rank_map(model), rank_costs)  # "equal budget" is checkable
@@ -493,8 +511,8 @@ def train(argv: Sequence[str] | None = None) -> int:
         )
         modules = D.gated_modules(model)
         assert rank_map(model) == saved["rank_map"]
-        if tracker is not None:
-            tracker.load_state_tensors(checkpoint.tensors)
+        if statistics is not None:
+            statistics.load_state_tensors(checkpoint.tensors)
         same_rng = D.restore_rng(checkpoint.rng, info)
         start_step, round_index = saved["step"], saved["round_index"]
         history, best_loss = saved["history"], saved["best_loss"]
@@ -523,8 +541,8 @@ def train(argv: Sequence[str] | None = None) -> int:
     def save(done: int) -> None:
         """A checkpoint of everything the loop needs to go on from step `done` (collective)."""
         tensors, rng = D.gathered_training_state(engine, model, info)
-        if tracker is not None:
-            tensors.update(tracker.state_tensors())
+        if statistics is not None:
+            tensors.update(statistics.state_tensors())
         state = {
             "step": done, "round_index": round_index, "rank_map": rank_map(model),
             "history": history, "best_loss": best_loss, "evals_without_gain": evals_without_gain,
@@ -619,21 +637,30 @@ def train(argv: Sequence[str] | None = None) -> int:
                     )
                     break
                 engine.backward(loss)
-                if tracker is not None and micro == len(micro_batches) - 1:
+                if statistics is not None and micro == len(micro_batches) - 1:
                     # The step's whole gradient exists only now, between backward and step.
-                    tracker.update(D.adapter_values_and_grads(engine, modules))
+                    observed = D.adapter_values_and_grads(engine, modules)
+                    if tracker is not None:
+                        tracker.update(observed)
+                    else:
+                        ada_schedule.observe(step + 1, observed)
                 engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
                 tokens_seen += float(batch["attention_mask"].sum())
                 all_tokens += float(batch["attention_mask"].sum())
             done = step + 1
             if sora and stepped:
                 D.proximal_gate_step(modules, lr * cfg.sora_lambda)
+            if adalora and stepped:  # peft's update_and_allocate moment: after the step
+                masked = ada_schedule.mask(done, D.gate_value_scores(model))
+                if masked is not None:
+                    D.set_gate_values(modules, masked)
             record: dict = {}
             fire(fault, "kill", "step", done, info.rank)
             fire(fault, "raise", "step", done, info.rank)
 
             if (
-                round_index < len(schedule.round_after)
+                cfg.method in ROUND_METHODS
+                and round_index < len(schedule.round_after)
                 and done == schedule.round_after[round_index]
             ):
                 round_index += 1
@@ -749,7 +776,7 @@ def train(argv: Sequence[str] | None = None) -> int:
                 record["dev_loss"] = dev_loss
                 if dev_loss < best_loss:
                     best_loss, evals_without_gain = dev_loss, 0
-                    if not sora:  # SoRA's adapter fits the budget only after its final pruning
+                    if not identity_gates:  # SoRA/AdaLoRA fit the budget after their final prune
                         export(output_dir / "best_adapter", history)
                 else:
                     evals_without_gain += 1
@@ -794,7 +821,7 @@ def train(argv: Sequence[str] | None = None) -> int:
                 )
                 break
 
-    if sora:  # keep the rank_budget ranks with the largest |g| (gates at 0 go first)
+    if identity_gates:  # keep the rank_budget ranks with the largest |g| (gates at 0 go first)
         gates = D.gate_value_scores(model)
         magnitude = {name: [abs(g) for g in values] for name, values in gates.items()}
         live = sum(len(v) for v in magnitude.values())
@@ -810,8 +837,8 @@ def train(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         final_plan["ranks_after"] = rank_map(model)
         if info.is_main:
-            atomic_write_json(output_dir / "allocation" / "sora_final_prune.json", final_plan)
-        log(info, f"SoRA: {zeros} gates at zero; pruned {len(pruned)} ranks to the budget")
+            atomic_write_json(output_dir / "allocation" / "final_prune.json", final_plan)
+        log(info, f"{cfg.method}: {zeros} gates at zero; pruned {len(pruned)} ranks to the budget")
     export(output_dir / "adapter", history)
     final = rank_map(model)
     wall_s = earlier_wall_s + time.perf_counter() - run_start
@@ -847,7 +874,7 @@ def train(argv: Sequence[str] | None = None) -> int:
     log(
         info,
         f"outputs in {output_dir}: adapter/, "
-        + ("" if sora else "best_adapter/, ")
+        + ("" if identity_gates else "best_adapter/, ")
         + "allocation/, metrics.jsonl, "
         "config.json, summary.json, ranks.png, checkpoints/"
         + (", tensorboard/" if "tensorboard" in cfg.report_to else "")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from alora_ds.adalora import AdaLoraSchedule
 from alora_ds.allocation import plan_round
 from alora_ds.lora import GatedLoRALinear
 from alora_ds.schedule import bilevel_split
@@ -104,7 +105,7 @@ def test_sora_starts_at_twice_the_rank_and_ends_at_the_budget(tmp_path):
     result = run_train(out, "--method", "sora", "--sora_lambda", "2", "--report_to", "none")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert read_rounds(out) == []  # no allocation rounds: the L1 step on the gates decides
-    final = json.loads((out / "allocation" / "sora_final_prune.json").read_text())
+    final = json.loads((out / "allocation" / "final_prune.json").read_text())
     gates = final["gates"]
     assert all(len(g) == 4 for g in gates.values())  # r_init 2 x 2 on each of 14 modules
     assert sum(final["ranks_after"].values()) == BUDGET
@@ -117,3 +118,37 @@ def test_sora_starts_at_twice_the_rank_and_ends_at_the_budget(tmp_path):
     assert summary["adapter_params_start"] == summary["adapter_params_peak"] == start
     assert summary["total_ranks_end"] == BUDGET
     assert not (out / "best_adapter").exists()
+
+
+def test_adalora_masks_the_least_important_triplets_to_the_budget():
+    schedule = AdaLoraSchedule(["a", "b"], init_r=2, target_r=1, total_step=4, tinit=0, tfinal=1)
+    ones = torch.ones
+    # Module a: rank 1 important; module b: rank 0 important (large |w * g| on A, B and g).
+    observed = {
+        "a": {"lora_A": (ones(2, 3), torch.tensor([[0.1] * 3, [5.0] * 3])),
+              "lora_B": (ones(4, 2), torch.tensor([[0.1, 5.0]] * 4)),
+              "gate_logits": (ones(2), torch.tensor([0.1, 5.0]))},
+        "b": {"lora_A": (ones(2, 3), torch.tensor([[3.0] * 3, [0.2] * 3])),
+              "lora_B": (ones(4, 2), torch.tensor([[3.0, 0.2]] * 4)),
+              "gate_logits": (ones(2), torch.tensor([3.0, 0.2]))},
+    }  # fmt: skip
+    for step in (1, 2):
+        schedule.observe(step, observed)
+    gates = {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+    assert schedule.mask(0, gates) is None  # within tinit: nothing masked
+    assert schedule.mask(4, gates) == {"a": [0.0, 1.0], "b": [1.0, 0.0]}  # budget 2 of 4
+
+
+def test_adalora_runs_under_zero3_and_its_allocation_changes(tmp_path):
+    out = tmp_path / "adalora"
+    result = run_train(out, "--method", "adalora", "--report_to", "none")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_rounds(out) == []  # AdaLoRA's own schedule, no ALoRA rounds
+    final = json.loads((out / "allocation" / "final_prune.json").read_text())
+    assert sum(final["ranks_after"].values()) == BUDGET
+    assert len(set(final["ranks_after"].values())) > 1  # not a uniform LoRA in disguise
+    zeros = sum(g == 0 for values in final["gates"].values() for g in values)
+    assert zeros >= BUDGET  # AdaLoRA's masks had reached the budget before the final prune
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter_params_peak"] == 2 * (PARAM_BUDGET + BUDGET)
+    assert summary["total_ranks_end"] == BUDGET
