@@ -787,7 +787,7 @@ def train(argv: Sequence[str] | None = None) -> int:
                 record = {
                     "step": done,
                     "epoch": round(done / schedule.steps_per_epoch, 4),
-                    "loss": float(loss.detach()) if torch.isfinite(loss.detach()) else None,
+                    "loss": float(loss.detach()) if stepped else None,  # a skipped step has none
                     **({"skipped_steps": skipped_steps} if skipped_steps else {}),
                     "lr": schedule.lr_at(step, cfg.learning_rate),
                     "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),

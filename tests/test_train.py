@@ -45,9 +45,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_train(output_dir: Path, *args: str, procs: int = 2, ds: str = "zero3", env=None, timeout=400):
+def run_train(
+    output_dir: Path, *args: str, procs: int = 2, ds: str = "zero3", env=None, timeout=400
+):
     """Launch training the way a user does; 1 process runs as a plain script."""
-    script = [str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs" / f"{ds}.json")]
+    script = [
+        str(REPO / "launch" / "train.py"),
+        "--ds_config",
+        str(REPO / "ds_configs" / f"{ds}.json"),
+    ]
     if procs == 1:
         command = [sys.executable, *script]
     else:
@@ -60,7 +66,9 @@ def run_train(output_dir: Path, *args: str, procs: int = 2, ds: str = "zero3", e
 
 
 def read_rounds(output_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((output_dir / "allocation").glob("round_*.json"))]
+    return [
+        json.loads(p.read_text()) for p in sorted((output_dir / "allocation").glob("round_*.json"))
+    ]
 
 
 def check_run(output_dir: Path, result: subprocess.CompletedProcess) -> None:
@@ -155,16 +163,19 @@ def test_same_seed_same_rounds_and_adapter_bytes(zero3_run, tmp_path):
     for directory in ("adapter", "best_adapter"):
         file = f"{directory}/adapter_model.safetensors"
         assert (first / file).read_bytes() == (second / file).read_bytes()
-    configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (first, second)]
+    configs = [
+        json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (first, second)
+    ]
     for config in configs:  # the only difference: where each run saved its base model
         config.pop("base_model_name_or_path")
     assert configs[0] == configs[1]
 
 
-def test_zero2_two_processes(tmp_path):
-    result = run_train(tmp_path / "run", ds="zero2")
-    check_run(tmp_path / "run", result)
+def test_zero2_two_processes_with_gradient_checkpointing(tmp_path):
+    result = run_train(tmp_path / "run", "--gradient_checkpointing", ds="zero2")
+    check_run(tmp_path / "run", result)  # recomputed activations: the same rules all hold
     assert "ZeRO stage 2" in result.stdout
+    assert "gradient checkpointing: True" in result.stdout
 
 
 def test_one_process_and_a_small_dev_split(tmp_path):
@@ -172,7 +183,10 @@ def test_one_process_and_a_small_dev_split(tmp_path):
     result = run_train(tmp_path / "run", "--val_examples", "64", procs=1)
     check_run(tmp_path / "run", result)
     assert "1 process(es)" in result.stdout
-    assert "the dev split has 33 examples, fewer than |B_val| = 64; scoring uses all 33" in result.stdout
+    assert (
+        "the dev split has 33 examples, fewer than |B_val| = 64; scoring uses all 33"
+        in result.stdout
+    )
 
 
 def test_plan_mismatch_stops_every_process(tmp_path):
@@ -240,7 +254,10 @@ def test_bad_input(tmp_path, capsys):
 def test_yaml_config_and_overrides(tmp_path):
     from alora_ds.config import parse_args
 
-    config = write(tmp_path / "c.yaml", "learning_rate: 2.0e-4\ntarget_modules: [q_proj, v_proj]\nnum_rounds: 3\n")
+    config = write(
+        tmp_path / "c.yaml",
+        "learning_rate: 2.0e-4\ntarget_modules: [q_proj, v_proj]\nnum_rounds: 3\n",
+    )
     cfg = parse_args(["--config", config, "--num_rounds=5", "--output_dir", "x", "--ds_config", "d",
                       "--overwrite_output_dir", "--local_rank=1"])  # fmt: skip
     assert cfg.learning_rate == 2e-4 and cfg.num_rounds == 5 and cfg.overwrite_output_dir
@@ -278,7 +295,13 @@ def test_bf16_zero3_and_stage0(tmp_path):
         path = tmp_path / f"ds{stage}.json"
         path.write_text(json.dumps(ds))
         out = tmp_path / f"run{stage}"
-        script = [str(REPO / "launch" / "train.py"), "--ds_config", str(path), "--output_dir", str(out)]
+        script = [
+            str(REPO / "launch" / "train.py"),
+            "--ds_config",
+            str(path),
+            "--output_dir",
+            str(out),
+        ]
         result = subprocess.run(
             [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *script, *SMALL_RUN,
              "--num_train_epochs", "2", "--num_rounds", "1"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from alora_ds.errors import run_cli
+from launch import train
 from tests.test_train import DEEPSPEED, REPO, SMALL_RUN, free_port, read_rounds
 
 # 15 optimizer steps: rounds after steps 5 and 7, checkpoints every 2 steps and at each round.
@@ -59,22 +62,27 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_killed_anywhere_and_resumed_ends_like_an_uninterrupted_run(reference, tmp_path):
-    """One run, interrupted five times: SIGKILL during K1, during K2, during round 2's scoring
-    and half-way through a checkpoint write, then a full disk while writing a checkpoint. Each
-    time it is resumed with `--resume_from_checkpoint auto` from the checkpoint it left."""
+    """One run, interrupted six times: SIGKILL before its first checkpoint, during K1, during
+    K2, during round 2's scoring and half-way through a checkpoint write, then a full disk while
+    writing a checkpoint. Every launch, the first included, says `--resume_from_checkpoint auto`
+    (as a requeued Slurm job does) and goes on from the checkpoint the last one left."""
     out = tmp_path / "run"
     chain = [
+        ("kill@step:1", None),  # nothing saved yet: the next launch starts from scratch
         ("kill@step:3", "step_0000002"),  # during K1 (first round after step 5)
         ("kill@step:6", "step_0000005"),  # during K2: the round-1 checkpoint survives
         ("kill@scoring:2", "step_0000006"),  # round 2's ablations done, nothing applied
         ("kill@save:10", "step_0000008"),  # half-written step 10: the temp dir is not listed
         ("disk@save:12", "step_0000010"),  # the write fails; step 10 stays loadable
     ]
-    for number, (fault, left) in enumerate(chain):
-        resume = ["--resume_from_checkpoint", "auto"] if number else []
-        result = launch(out, *resume, fault=fault)
+    for fault, left in chain:
+        result = launch(out, "--resume_from_checkpoint", "auto", fault=fault)
         assert result.returncode != 0, f"{fault}: the run did not fail"
+        if left is None:
+            assert not (out / "checkpoints").exists()
+            continue
         assert latest(out) == left, fault
+        assert ("resumed from" in result.stdout) == (left != "step_0000002"), fault
         assert list((out / "checkpoints").glob(".tmp-*")) == [] or fault == "kill@save:10"
         if fault.startswith("disk"):
             message = result.stderr.strip().splitlines()
@@ -102,42 +110,53 @@ def test_killed_anywhere_and_resumed_ends_like_an_uninterrupted_run(reference, t
     assert len(list((out / "checkpoints").glob("step_*"))) == 2  # save_total_limit
 
 
+def copy_of(reference: Path, tmp_path: Path, step: str) -> Path:
+    """The reference run's output directory, as if it had been stopped after checkpoint `step`."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for checkpoint in (out / "checkpoints").glob("step_*"):
+        if checkpoint.name > step:
+            shutil.rmtree(checkpoint)
+    (out / "checkpoints" / "latest").write_text(step + "\n")
+    return out
+
+
 def test_resume_with_a_different_process_count(reference, tmp_path):
     """A 2-process checkpoint resumed by 1 process (accumulation 2 keeps the global batch): the
     plan and adapters are reloaded; only the order of floating-point sums differs."""
-    out = tmp_path / "run"
-    result = launch(out, fault="kill@step:9")
-    assert result.returncode != 0 and latest(out) == "step_0000008"
+    out = copy_of(reference, tmp_path, "step_0000012")
     result = launch(
         out, "--resume_from_checkpoint", "auto", "--gradient_accumulation_steps", "2", procs=1
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "re-seeded" in result.stdout
+    assert "resumed from" in result.stdout and "re-seeded" in result.stdout
     assert read_rounds(out) == read_rounds(reference)
     expected, got = adapter(reference), adapter(out)
     for key in expected:
         assert (expected[key] - got[key]).abs().max() <= 1e-4 * (1 + expected[key].abs().max())
 
-    # The global batch must stay: anything else is refused before anything is touched.
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--learning_rate", "1e-3"], "cannot resume: --learning_rate is 0.001 but the run in"),
+        (["--seed", "7"], "cannot resume: --seed is 7"),
+        ([], "cannot resume: the global batch is 4 but the run was started with 8"),
+    ],
+)
+def test_resume_refuses_what_would_change_the_run(reference, tmp_path, capsys, change, message):
+    """Checked before any process starts; the checkpoints are left as they were."""
+    out = copy_of(reference, tmp_path, "step_0000012")
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    result = launch(out, "--resume_from_checkpoint", "auto", procs=1)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resume: the global")
+    argv = ["--ds_config", str(REPO / "ds_configs/zero3.json"), "--output_dir", str(out), *RUN,
+            "--resume_from_checkpoint", "auto", *change]  # fmt: skip
+    env = {"WORLD_SIZE": "2"} if change else {}  # the launcher's world; [] resumes with 1
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        assert run_cli(train.main, argv) == 2
+    assert message in capsys.readouterr().err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-
-
-def test_resume_refuses_a_changed_option(reference, tmp_path):
-    out = tmp_path / "run"
-    result = launch(out, "--resume_from_checkpoint", "auto", fault="kill@step:1")
-    assert result.returncode != 0 and not (out / "checkpoints").exists()
-    # Killed before its first checkpoint: `auto` starts the same run again from scratch.
-    result = launch(out, "--resume_from_checkpoint", "auto", fault="kill@step:3")
-    assert result.returncode != 0 and latest(out) == "step_0000002"
-    assert "resumed from" not in result.stdout
-    result = launch(out, "--resume_from_checkpoint", "auto", "--learning_rate", "1e-3", procs=1)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot resume: --learning_rate is 0.001"), last
 
 
 def start_without_launcher(output_dir: Path, fault: str, timeout_s: int) -> list:
