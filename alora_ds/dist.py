@@ -312,6 +312,16 @@ def optimizer_step_count(engine: deepspeed.DeepSpeedEngine) -> int:
     return 0
 
 
+def _relink_optimizer_state(engine: deepspeed.DeepSpeedEngine) -> None:
+    """ZeRO-1/2 link each parameter's fragment to Adam's state once, after the first step, but
+    they step one param group at a time and link after the first group's step, when a second
+    group (DNAS/SoRA/AdaLoRA gates) has no state yet; link again now that every group has it."""
+    optimizer = engine.optimizer
+    if getattr(optimizer, "_hp_optimizer_states_linked", None) is not None:
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def _materialize_adam_state(engine: deepspeed.DeepSpeedEngine, step: int) -> None:
     """Create AdamW's state (zero moments, the given step) before the first step.
 
@@ -356,6 +366,8 @@ def read_adapter_states(
     """
     inner = _inner_optimizer(engine)
     stepped = optimizer_step_count(engine) > 0  # before the first step Adam has no state
+    if stepped:
+        _relink_optimizer_state(engine)
     states: dict[str, AdapterState] = {}
     for name, module in modules.items():
         values: dict[str, torch.Tensor] = {}

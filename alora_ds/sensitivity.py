@@ -45,9 +45,9 @@ class SensitivityTracker:
                     i_bar = torch.zeros_like(current)
                     self.u_bar[key] = torch.zeros_like(current)
                 i_bar = self.beta1 * i_bar + (1 - self.beta1) * current
-                self.u_bar[key] = self.beta2 * self.u_bar[key] + (1 - self.beta2) * (
-                    current - i_bar
-                ).abs()
+                self.u_bar[key] = (
+                    self.beta2 * self.u_bar[key] + (1 - self.beta2) * (current - i_bar).abs()
+                )
                 self.i_bar[key] = i_bar
 
     def rank_scores(self, ranks: Mapping[str, int]) -> dict[str, list[float]]:
@@ -64,9 +64,7 @@ class SensitivityTracker:
             scores[name] = total.tolist()
         return scores
 
-    def apply_plan(
-        self, pruned: Mapping[str, Sequence[int]], added: Mapping[str, int]
-    ) -> None:
+    def apply_plan(self, pruned: Mapping[str, Sequence[int]], added: Mapping[str, int]) -> None:
         """Follow a round's rank surgery: drop pruned ranks' rows, append zeros for new ones."""
         for store in (self.i_bar, self.u_bar):
             for key, tensor in list(store.items()):

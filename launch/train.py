@@ -15,6 +15,7 @@ stopping after `patience` evaluations without improvement, and the best adapter 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -86,6 +87,7 @@ from alora_ds.modeling import (  # noqa: E402
     load_base_model,
     resolve_attn_implementation,
 )
+from alora_ds.pretrained import resolve_model_alias  # noqa: E402
 from alora_ds.report import plot_rank_heatmap, summarize_run  # noqa: E402
 from alora_ds.schedule import (  # noqa: E402
     bilevel_split,
@@ -255,6 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    # Aliases of models we can build offline ("smollm2"): converted once, then a local path,
+    # which config.json records.
+    cfg = dataclasses.replace(
+        cfg,
+        model_name_or_path=resolve_model_alias(cfg.model_name_or_path),
+        tokenizer_name_or_path=resolve_model_alias(cfg.tokenizer_name_or_path),
+    )
 
     # ---- every input is checked before anything is started or written ------------------
     output_dir = Path(cfg.output_dir)

@@ -152,3 +152,16 @@ def test_adalora_runs_under_zero3_and_its_allocation_changes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["adapter_params_peak"] == 2 * (PARAM_BUDGET + BUDGET)
     assert summary["total_ranks_end"] == BUDGET
+
+
+def test_gated_variants_rebuild_under_zero2(tmp_path):
+    """ZeRO-1/2 link Adam's state to a parameter group only after its first step; the gates'
+    own group must still be readable at a rebuild (a DNAS round) and a checkpoint."""
+    out = tmp_path / "dnas"
+    result = run_train(
+        out, "--method", "alora-dnas", "--report_to", "none", "--save_steps", "3", ds="zero2",
+        procs=1,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [r["round"] for r in read_rounds(out)] == [1, 2]
+    assert (out / "checkpoints" / "latest").is_file()

@@ -363,5 +363,3 @@ def test_bad_row_in_file_names_file_and_row(tmp_path, stdlib_only):
     message = f"{path} row 2: missing field 'sentence' required by task sst2"
     with pytest.raises(TaskDataError, match=f"^{re.escape(message)}$"):
         load_task_examples("sst2", path)
-
-
