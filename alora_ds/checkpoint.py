@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from alora_ds.errors import InputError
-from alora_ds.files import atomic_write_text
+from alora_ds.files import atomic_write_text, fsync_path
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -55,19 +55,6 @@ class Checkpoint:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -108,11 +95,11 @@ def write_checkpoint(
             json.dumps({"format": FORMAT_VERSION, **state}, indent=1) + "\n"
         )
         for file in tmp.iterdir():
-            _fsync_file(file)
-        _fsync_dir(tmp)
+            fsync_path(file)
+        fsync_path(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a resumed run re-saving the same step
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

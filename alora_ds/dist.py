@@ -123,6 +123,19 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
     return mapped
 
 
+def _skip_cpu_shared_memory_all_reduce() -> None:
+    """Let gloo do every CPU collective instead of DeepSpeed's shared-memory all-reduce op.
+
+    That op is compiled at the first launch (a C++ compiler and about a minute), and every
+    later launch takes a file lock in ~/.cache/torch_extensions to check it: a process killed
+    while holding that lock (Ctrl-C at start-up, a scheduler's timeout) leaves the lock behind
+    and every later run waits on it forever, silently. It also leaves a 68 MB /dev/shm buffer
+    per process behind after every run. CPU runs are for tests and demos, where gloo's speed
+    is enough; GPU runs use NCCL and never reach this op.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: int) -> DistInfo:
     """Join (or, run as a plain script, create) the process group.
 
@@ -142,6 +155,7 @@ def init_distributed(timeout_s: int) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         backend, device = "gloo", torch.device("cpu")
+        _skip_cpu_shared_memory_all_reduce()
     deepspeed.init_distributed(
         dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False
     )

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from alora_ds.errors import InputError
+from alora_ds.files import fsync_path
 from alora_ds.inject import gated_modules
 from alora_ds.peft_io import CONFIG_NAME, SAFETENSORS_NAME
 
@@ -263,7 +264,7 @@ def write_peft_adapter(
 
     with atomic_output_dir(out_dir, marker=CONFIG_NAME) as tmp:
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
-        _fsync(tmp / SAFETENSORS_NAME)
+        fsync_path(tmp / SAFETENSORS_NAME)
         _write_text(tmp / CONFIG_NAME, config_text + "\n")
         if metadata_text is not None:
             _write_text(tmp / METADATA_NAME, metadata_text + "\n")
@@ -278,15 +279,6 @@ def _write_text(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync(path: Path) -> None:
-    # For a directory this makes its entries (the renames into it) durable, not only the files.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_replaceable(out_dir: Path, marker: str) -> None:
@@ -321,7 +313,7 @@ def atomic_output_dir(out_dir: str | Path, *, marker: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         old = None
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
@@ -332,7 +324,7 @@ def atomic_output_dir(out_dir: str | Path, *, marker: str) -> Iterator[Path]:
             if old is not None:
                 os.replace(old, out_dir)
             raise
-        _fsync(out_dir.parent)
+        fsync_path(out_dir.parent)
         if old is not None:
             shutil.rmtree(old)
     except BaseException:

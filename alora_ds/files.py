@@ -79,3 +79,12 @@ def check_output_file(path: str | Path, flag: str) -> None:
     if Path(path).is_dir():
         raise InputError(f"{flag} {path} is a directory, not a file")
     check_output_location(path, flag, inside=False)
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file, or a directory, which makes its entries (renames into it) durable too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -674,14 +674,17 @@ def train(argv: Sequence[str] | None = None) -> int:
             ):
                 round_index += 1
                 start = time.perf_counter()
-                val_ids = draw_validation_indices(
-                    len(dev_examples), val_examples, seed=cfg.seed, round_index=round_index
-                )
-                val_batches = make_batches(
-                    [dev_examples[i] for i in val_ids], cfg.scoring_batch_size, pad_id, info.device
-                )
                 s_m = None  # S(M), the validation score of the full model: AB-LoRA's reference
                 if cfg.method == "alora":
+                    val_ids = draw_validation_indices(
+                        len(dev_examples), val_examples, seed=cfg.seed, round_index=round_index
+                    )
+                    val_batches = make_batches(
+                        [dev_examples[i] for i in val_ids],
+                        cfg.scoring_batch_size,
+                        pad_id,
+                        info.device,
+                    )
                     with ScoringProgress(
                         sum(rank_map(model).values()), enabled=show_bars, round_index=round_index
                     ) as scoring_bar:

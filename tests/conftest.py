@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -15,21 +13,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from alora_ds.modeling import build_random_llama, tiny_llama_config  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _release_deepspeed_shared_memory():
-    """DeepSpeed's CPU all-reduce keeps a /dev/shm buffer per process and port (about 68 MB) and
-    never removes it, least of all when a test kills the run: dozens of launches fill the RAM.
-    Once a test is over its processes are gone; unlinking is safe even for a live mapping."""
-    started = time.time()
-    yield
-    for buffer in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        try:
-            if buffer.stat().st_mtime >= started - 1:
-                buffer.unlink()
-        except OSError:  # another test's run removed it first, or it is not ours to remove
-            continue
 
 
 @pytest.fixture

@@ -20,3 +20,31 @@ def test_slurm_variables_fill_the_missing_ones():
     assert slurm_environment({**env, "RANK": "0"}) == {}
     assert slurm_environment({}) == {}
     assert slurm_environment({**env, "MASTER_PORT": "1234"})["MASTER_PORT"] == "1234"
+
+
+def test_cpu_process_group_builds_nothing_and_leaves_no_shared_memory(tmp_path):
+    """On CPU, gloo does the collectives: DeepSpeed's shared-memory all-reduce op is neither
+    compiled (its lock in the extensions folder hangs every later launch if a start-up is
+    killed) nor mapped (it leaves a /dev/shm buffer per process behind)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = "29" + str(os.getpid() % 1000).zfill(3)
+    script = (
+        "import torch.distributed as dist\n"
+        "from alora_ds import dist as D\n"
+        "info = D.init_distributed(30)\n"
+        "assert info.backend == 'gloo', info\n"
+        "print(D.all_reduce_sum([1.5], info.device))\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "MASTER_PORT": port}
+    env.pop("RANK", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[1.5]" in done.stdout
+    assert not (tmp_path / "ext").exists(), list((tmp_path / "ext").rglob("*"))
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
