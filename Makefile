@@ -48,7 +48,7 @@ demo-core: $(STAMP)
 	$(PY) -m alora_ds.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
