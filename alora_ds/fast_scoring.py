@@ -126,6 +126,15 @@ class LlamaStack:
         )
 
 
+def even_blocks(count: int, largest: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges that cover `count` candidates in as few blocks of at most `largest`
+    as possible, of sizes that differ by at most one: 12 by 8 is 6 + 6, not 8 + 4 (the same
+    work, with smaller activations)."""
+    blocks = -(-count // largest) if count else 0
+    bounds = [count * i // blocks for i in range(blocks + 1)] if blocks else [0]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def _layer_of(name: str, layer_names: Sequence[str]) -> int:
     for index, prefix in enumerate(layer_names):
         if name.startswith(prefix + "."):
@@ -161,17 +170,30 @@ def share_layout(
     return layout
 
 
+def _set_mode(
+    modules: Mapping[str, GatedLoRALinear], saved_gates: Mapping[str, torch.Tensor], mode: int
+) -> None:
+    """Every live rank on (M \\ r's default) or every rank off (M_r's). With every gate off a
+    module's delta is exactly zero, so it is not computed at all (adapter_off)."""
+    for name, module in modules.items():
+        module.lora_gate.copy_(saved_gates[name] if mode == _OFF else 0)
+        module.adapter_off = mode == _ON
+
+
 @contextmanager
 def _row_gates(
     modules: Mapping[str, GatedLoRALinear], gates: Mapping[str, torch.Tensor]
 ) -> Iterator[None]:
+    off = {name: modules[name].adapter_off for name in gates}
     try:
         for name, value in gates.items():
             modules[name].row_gates = value
+            modules[name].adapter_off = False
         yield
     finally:
         for name in gates:
             modules[name].row_gates = None
+            modules[name].adapter_off = off[name]
 
 
 @torch.no_grad()
@@ -229,8 +251,7 @@ def fast_ablation_scores(
                 # Prefix passes: states entering every layer and after every attention half.
                 cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
                 for mode in (_OFF, _ON):
-                    for name, module in modules.items():
-                        module.lora_gate.copy_(saved_gates[name] if mode == _OFF else 0)
+                    _set_mode(modules, saved_gates, mode)
                     start_of_pass()
                     h, states = ctx["embeds"], []
                     for layer in stack.layers:
@@ -247,22 +268,22 @@ def fast_ablation_scores(
                     for mode in (_OFF, _ON):
                         # M \ r runs with every live rank on, M_r with every rank off; the
                         # candidate's own module gets per-row gates.
-                        for name, module in modules.items():
-                            module.lora_gate.copy_(saved_gates[name] if mode == _OFF else 0)
-                        for start in range(0, len(share), per_block):
+                        _set_mode(modules, saved_gates, mode)
+                        for start, stop in even_blocks(len(share), per_block):
                             start_of_pass()
-                            block = share[start : start + per_block]
+                            block = share[start:stop]
                             losses = _run_block(
                                 stack, modules, layer_index, half, mode, block,
                                 cache[mode][layer_index][half], ctx, labels, saved_gates, stats,
                             )  # fmt: skip
-                            loss_sums[slot + start : slot + start + len(block), mode] += losses
+                            loss_sums[slot + start : slot + stop, mode] += losses
                             counter.advance(len(block))
                     slot += len(share)
         finally:
             for name, module in modules.items():
                 module.lora_gate.copy_(saved_gates[name])
                 module.row_gates = None
+                module.adapter_off = False
 
     everyone = gather(loss_sums) if gather is not None else [loss_sums]
     candidates = [c for _, _, cands in groups for c in cands]
@@ -349,6 +370,7 @@ __all__ = [
     "ScoringStats",
     "candidate_groups",
     "default_max_rows",
+    "even_blocks",
     "fast_ablation_scores",
     "naive_layer_passes",
     "share_layout",

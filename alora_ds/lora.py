@@ -126,6 +126,9 @@ class GatedLoRALinear(nn.Module):
         # Per-row hard gates (N, r) that replace lora_gate while set: batched scoring gives each
         # row of a batch its own ablation. A plain attribute: never saved, never partitioned.
         self.row_gates: torch.Tensor | None = None
+        # Set by the fast scorer on modules whose gates are all zero: their delta is exactly zero,
+        # so skipping it changes no bit of the output and saves the adapter's two matmuls.
+        self.adapter_off: bool = False
         # DNAS's alternating steps: "weights" trains A and B only, "gates" the gate logits only;
         # the other part still takes part in the graph but receives a zero gradient.
         self.train_only: str | None = None
@@ -186,20 +189,24 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.lora_A is None:
+        if self.lora_A is None or self.adapter_off:
             return result
         x = x.to(self.lora_A.dtype)
         a, b = self.lora_A, self.lora_B
         if self.train_only == "gates":
             a, b = zero_gradient(a), zero_gradient(b)
         h = self.dropout(x) @ a.t()  # (..., r)
+        # The scale goes with the gates on the r-wide tensor, and the add into the matmul: two
+        # fewer passes over a (tokens, d_out) tensor, which is what these small ops cost.
         if self.row_gates is None:
-            h = h * self.gate_values()  # (..., r): diag(g)
+            h = h * (self.gate_values() * self.scale)  # (..., r): s diag(g)
         else:  # (N, ..., r) * (N, 1.., r): each row its own gates
-            gates = self.gate_values(self.row_gates.to(h.dtype))
+            gates = self.gate_values(self.row_gates.to(h.dtype)) * self.scale
             h = h * gates.view(gates.shape[0], *([1] * (h.dim() - 2)), gates.shape[1])
-        delta = (h @ b.t()) * self.scale  # (..., d_out)
-        return result + delta.to(result.dtype)
+        if h.dtype != result.dtype:
+            return result + (h @ b.t()).to(result.dtype)
+        flat = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t())
+        return flat.view(result.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B diag(g) A as a (d_out, d_in) matrix (for merging and for tests)."""

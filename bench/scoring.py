@@ -46,6 +46,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from alora_ds.cpu import keep_freed_memory
+
+    keep_freed_memory()  # as launch/train.py does on CPU, for every method alike
     from transformers import AutoModelForCausalLM
 
     from alora_ds import dist as D
@@ -157,6 +160,33 @@ def run(procs: int, threads: int, method: str, args, out: Path, rebuild: bool = 
     return json.loads(out.read_text())
 
 
+MATMUL = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+x, w = torch.randn(16384, 256), torch.randn(688, 256)
+for _ in range(3):
+    x @ w.t()
+start = time.perf_counter()
+for _ in range(60):
+    x @ w.t()
+print(2 * 16384 * 256 * 688 * 60 / (time.perf_counter() - start) / 1e9)
+"""
+
+
+def matmul_ceiling() -> tuple[float, float]:
+    """GFLOP/s of an MLP-shaped fp32 matmul: one process with 2 threads, and two 1-thread
+    processes at once (their sum). Their ratio is the best wall-time ratio that splitting the
+    scoring over 2 processes can reach against 2 threads on this machine."""
+
+    def start(threads: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", MATMUL, str(threads)],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    one = float(start(2).communicate()[0])
+    pair = [start(1), start(1)]
+    return one, sum(float(p.communicate()[0]) for p in pair)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -175,6 +205,7 @@ def main() -> None:
         worker(args)
         return
 
+    threads_gflops, processes_gflops = matmul_ceiling()
     with tempfile.TemporaryDirectory() as tmp:
         naive = run(1, 2, "naive", args, Path(tmp) / "naive.json")
         fast1 = run(1, 2, "fast", args, Path(tmp) / "fast1.json")
@@ -201,6 +232,10 @@ def main() -> None:
     ratio = fast2["scoring_s"] / fast1["scoring_s"]
     print(f"\nspeed-up fast vs naive (1 process): {speedup:.2f}x (target >= 1.8x)")
     print(f"fast 2 processes / 1 process wall time: {ratio:.2f} (target <= 0.6)")
+    ceiling = threads_gflops / processes_gflops
+    print(f"  matmul rate: 1 process x 2 threads {threads_gflops:.1f} GFLOP/s, 2 processes x 1 "
+          f"thread {processes_gflops:.1f} GFLOP/s together: compute-bound work split over 2 "
+          f"processes can reach {ceiling:.2f} at best here")  # fmt: skip
     print(
         f"ZeRO-3 rebuild after a round: {fast2['rebuild_s']:.3f}s; training step "
         f"{fast2['train_step_s']:.3f}s before, {fast2['train_step_after_rebuild_s']:.3f}s after "
@@ -212,6 +247,9 @@ def main() -> None:
             "naive_s": naive["scoring_s"], "fast_1proc_s": fast1["scoring_s"],
             "fast_2proc_s": fast2["scoring_s"], "speedup_fast_vs_naive": speedup,
             "ratio_2proc_vs_1proc": ratio, "rebuild_s": fast2["rebuild_s"],
+            "matmul_gflops": {"1proc_x_2threads": threads_gflops,
+                              "2procs_x_1thread": processes_gflops},
+            "best_ratio_2proc_vs_1proc": ceiling,
             "train_step_s": fast2["train_step_s"], "max_rel_err_vs_naive": worst,
             "train_step_after_rebuild_s": fast2["train_step_after_rebuild_s"],
             "layer_passes": {"naive": naive["layer_passes"], "fast_1proc": fast1["layer_passes"],

@@ -33,9 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from alora_ds.cpu import keep_freed_memory  # noqa: E402
+
 # DeepSpeed picks its accelerator at import; name it on a CPU box to skip the probing warning.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    keep_freed_memory()  # see alora_ds/cpu.py: tens of MB page-faulted in afresh at every op
 
 from transformers import AutoTokenizer  # noqa: E402
 

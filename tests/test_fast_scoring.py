@@ -14,6 +14,7 @@ from alora_ds.data import make_batches
 from alora_ds.fast_scoring import (
     ScoringStats,
     candidate_groups,
+    even_blocks,
     fast_ablation_scores,
     naive_layer_passes,
     share_layout,
@@ -57,8 +58,20 @@ def test_fast_equals_naive_one_process(max_rows):
     assert plan_round(naive.importance, 7) == plan_round(fast.importance, 7)
     # Prefix caching: fewer layer passes than two full forwards per candidate.
     assert stats.layer_passes < naive_layer_passes(42, 3, len(batches))
-    assert all(torch.all(m.lora_gate == 1) and m.row_gates is None
+    assert all(torch.all(m.lora_gate == 1) and m.row_gates is None and not m.adapter_off
                for m in model.modules() if hasattr(m, "row_gates"))  # fmt: skip
+
+
+def test_blocks_cover_every_candidate_once_in_near_equal_sizes():
+    for count in range(0, 40):
+        for largest in (1, 3, 8):
+            blocks = even_blocks(count, largest)
+            assert [i for a, b in blocks for i in range(a, b)] == list(range(count))
+            sizes = [b - a for a, b in blocks]
+            assert all(0 < size <= largest for size in sizes)
+            assert len(blocks) == -(-count // largest)
+            assert not sizes or max(sizes) - min(sizes) <= 1
+    assert even_blocks(12, 8) == [(0, 6), (6, 12)]
 
 
 def test_fast_with_uneven_ranks_a_module_at_zero_and_relaxed_gates():

@@ -160,3 +160,28 @@ def test_validation_messages():
         layer.remove_ranks([3])
     with pytest.raises(ValueError, match="cannot append a negative number of ranks"):
         layer.append_ranks(-1)
+
+
+def test_adapter_off_is_the_base_output_and_gates_off_agree():
+    """The fast scorer's shortcut: a module with every gate off skips its adapter, exactly."""
+    layer = make_layer()
+    randomise_b(layer)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        layer.lora_gate.zero_()
+        gated_off = layer(x)
+        layer.adapter_off = True
+        skipped = layer(x)
+    assert torch.equal(skipped, layer.base_layer(x))
+    assert torch.equal(gated_off, skipped)
+
+
+def test_cpu_runs_keep_freed_memory_for_the_next_op():
+    """glibc here: mallopt accepts every setting (see alora_ds/cpu.py for the measured cost)."""
+    import platform
+
+    from alora_ds.cpu import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert keep_freed_memory()
