@@ -184,16 +184,13 @@ def _set_mode(
 def _row_gates(
     modules: Mapping[str, GatedLoRALinear], gates: Mapping[str, torch.Tensor]
 ) -> Iterator[None]:
-    off = {name: modules[name].adapter_off for name in gates}
     try:
         for name, value in gates.items():
             modules[name].row_gates = value
-            modules[name].adapter_off = False
         yield
     finally:
         for name in gates:
             modules[name].row_gates = None
-            modules[name].adapter_off = off[name]
 
 
 @torch.no_grad()
@@ -264,11 +261,16 @@ def fast_ablation_scores(
                     cache[mode] = states
 
                 slot = 0
-                for (layer_index, half, _), share in zip(groups, mine, strict=True):
+                for (layer_index, half, group), share in zip(groups, mine, strict=True):
                     for mode in (_OFF, _ON):
                         # M \ r runs with every live rank on, M_r with every rank off; the
-                        # candidate's own module gets per-row gates.
+                        # candidate's own module gets per-row gates. Every module of the group
+                        # keeps its adapter on, on every process alike: under ZeRO-3 running an
+                        # adapter gathers its weights, a collective, while each process's block
+                        # holds candidates of its own modules.
                         _set_mode(modules, saved_gates, mode)
+                        for name, _ in group:
+                            modules[name].adapter_off = False
                         for start, stop in even_blocks(len(share), per_block):
                             start_of_pass()
                             block = share[start:stop]

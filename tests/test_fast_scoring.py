@@ -26,14 +26,23 @@ from tests.conftest import random_examples
 from tests.test_train import DEEPSPEED, REPO, free_port
 
 
-def scored_model(layers: int = 3, seed: int = 1):
+def scored_model(layers: int = 3, seed: int = 1, uneven: bool = False):
     model = build_random_llama(tiny_llama_config(num_hidden_layers=layers), seed=0)
     modules = inject_gated_lora(model, 7 * layers * 2, seed=0)
+    randomise_adapters(modules, seed, uneven)
+    return model, modules
+
+
+def randomise_adapters(modules, seed: int = 1, uneven: bool = False) -> None:
+    """Random B everywhere, so every rank matters. `uneven`: one rank fewer in every other
+    module, so that two processes' shares of a (layer, half) group hold different modules."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in modules.values():
             module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator))
-    return model, modules
+    if uneven:
+        for module in list(modules.values())[::2]:
+            module.remove_ranks([0])
 
 
 def max_rel_err(a, b) -> float:
@@ -111,7 +120,7 @@ def test_fast_equals_naive_under_zero3_on_two_processes(tmp_path):
     build_random_llama(tiny_llama_config(num_hidden_layers=3), seed=0).save_pretrained(
         tmp_path / "base"
     )
-    model, _ = scored_model()
+    model, _ = scored_model(uneven=True)
     batches = make_batches(random_examples(10, seed=3), 4)
     reference = ab_lora_scores(model, batches)
     (tmp_path / "ref.json").write_text(json.dumps({

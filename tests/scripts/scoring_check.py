@@ -8,7 +8,6 @@ from pathlib import Path
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from alora_ds import dist as D  # noqa: E402
@@ -16,6 +15,7 @@ from alora_ds.allocation import plan_round  # noqa: E402
 from alora_ds.data import make_batches  # noqa: E402
 from alora_ds.inject import gated_modules, inject_gated_lora  # noqa: E402
 from tests.conftest import random_examples  # noqa: E402
+from tests.test_fast_scoring import randomise_adapters  # noqa: E402
 
 ds = json.loads(Path(sys.argv[1]).read_text())
 reference = json.loads((Path(sys.argv[2]) / "ref.json").read_text())
@@ -28,10 +28,7 @@ ds.update(
 with D.partitioned_loading(ds):  # the test's model, partitioned while loading
     model = AutoModelForCausalLM.from_pretrained(Path(sys.argv[2]) / "base")
 modules = inject_gated_lora(model, 42, seed=0)
-generator = torch.Generator().manual_seed(1)
-with torch.no_grad():  # random B everywhere so every rank matters (same values on all processes)
-    for module in modules.values():
-        module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator))
+randomise_adapters(modules, seed=1, uneven=True)  # as the reference: same values everywhere
 engine = D.create_engine(model, ds, D.OptimizerSettings(0.0, (0.9, 0.999), 1e-8, 0.0))
 batches = make_batches(random_examples(10, seed=3), 4)
 # A first training step (lr 0: nothing moves), as in a real run: ZeRO-3 prefetching is set up
