@@ -171,13 +171,20 @@ def share_layout(
 
 
 def _set_mode(
-    modules: Mapping[str, GatedLoRALinear], saved_gates: Mapping[str, torch.Tensor], mode: int
+    modules: Mapping[str, GatedLoRALinear],
+    saved_gates: Mapping[str, torch.Tensor],
+    mode: int,
+    running: Sequence[Candidate] = (),
 ) -> None:
     """Every live rank on (M \\ r's default) or every rank off (M_r's). With every gate off a
-    module's delta is exactly zero, so it is not computed at all (adapter_off)."""
+    module's delta is exactly zero, so it is not computed at all (adapter_off), except in the
+    modules of the `running` candidates: they get per-row gates, and every process keeps the
+    same adapters on because under ZeRO-3 running one gathers its weights, a collective, while
+    each process's block holds candidates of its own modules."""
+    keep = {name for name, _ in running}
     for name, module in modules.items():
         module.lora_gate.copy_(saved_gates[name] if mode == _OFF else 0)
-        module.adapter_off = mode == _ON
+        module.adapter_off = mode == _ON and name not in keep
 
 
 @contextmanager
@@ -264,13 +271,8 @@ def fast_ablation_scores(
                 for (layer_index, half, group), share in zip(groups, mine, strict=True):
                     for mode in (_OFF, _ON):
                         # M \ r runs with every live rank on, M_r with every rank off; the
-                        # candidate's own module gets per-row gates. Every module of the group
-                        # keeps its adapter on, on every process alike: under ZeRO-3 running an
-                        # adapter gathers its weights, a collective, while each process's block
-                        # holds candidates of its own modules.
-                        _set_mode(modules, saved_gates, mode)
-                        for name, _ in group:
-                            modules[name].adapter_off = False
+                        # candidates' own modules (the whole group's) get per-row gates.
+                        _set_mode(modules, saved_gates, mode, running=group)
                         for start, stop in even_blocks(len(share), per_block):
                             start_of_pass()
                             block = share[start:stop]

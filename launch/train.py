@@ -33,12 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from alora_ds.cpu import keep_freed_memory  # noqa: E402
-
 # DeepSpeed picks its accelerator at import; name it on a CPU box to skip the probing warning.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    keep_freed_memory()  # see alora_ds/cpu.py: tens of MB page-faulted in afresh at every op
 
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -66,6 +63,7 @@ from alora_ds.config import (  # noqa: E402
     resolve_batch_sizes,
     to_json,
 )
+from alora_ds.cpu import keep_freed_memory  # noqa: E402
 from alora_ds.data import IGNORE_INDEX, collate, make_batches  # noqa: E402
 from alora_ds.datasets import build_split, check_task  # noqa: E402
 from alora_ds.errors import InputError, RunFailure, run_cli  # noqa: E402
@@ -361,6 +359,8 @@ def train(argv: Sequence[str] | None = None) -> int:
     val_examples = min(cfg.val_examples, len(dev_examples))
 
     # ---- processes, data and model ----------------------------------------------------------
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # see alora_ds/cpu.py: tens of MB page-faulted in afresh at every op
     info = D.init_distributed(cfg.dist_timeout)
     quiet_library_noise(info.is_main)
     if info.world_size != world_size:

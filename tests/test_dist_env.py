@@ -31,7 +31,9 @@ def test_cpu_process_group_builds_nothing_and_leaves_no_shared_memory(tmp_path):
     import sys
     from pathlib import Path
 
-    port = "29" + str(os.getpid() % 1000).zfill(3)
+    from tests.test_train import free_port
+
+    port = str(free_port())
     script = (
         "import torch.distributed as dist\n"
         "from alora_ds import dist as D\n"
