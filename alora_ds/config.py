@@ -22,9 +22,12 @@ from typing import Any
 
 import yaml
 
+from alora_ds.core import LLAMA_TARGET_MODULES
 from alora_ds.errors import InputError
-from alora_ds.inject import LLAMA_TARGET_MODULES
+from alora_ds.scoring import SCORING_MODES
 
+# The names of alora_ds.methods.METHODS (which imports torch; --help must not), checked equal by
+# the tests.
 METHODS = ("alora", "lora", "alora-dnas", "alora-sensi", "adalora", "sora")
 
 
@@ -277,7 +280,10 @@ def validate(config: TrainConfig) -> None:
         config.method in METHODS,
         f"--method {config.method!r} is not one of {', '.join(METHODS)}",
     )
-    need(config.scoring in ("fast", "naive"), f"--scoring {config.scoring!r} is not fast or naive")
+    need(
+        config.scoring in SCORING_MODES,
+        f"--scoring {config.scoring!r} is not one of {', '.join(SCORING_MODES)}",
+    )
     need(
         config.scoring_max_rows >= 0,
         f"--scoring_max_rows must be >= 0, got {config.scoring_max_rows}",

@@ -11,11 +11,12 @@ from collections import defaultdict
 
 import torch
 
-from alora_ds.allocation import plan_round, pruned_by_module
-from alora_ds.data import make_batches
-from alora_ds.inject import apply_plan, count_parameters, inject_gated_lora, rank_map
-from alora_ds.modeling import build_random_llama, tiny_llama_config
-from alora_ds.scoring import ab_lora_scores, eval_mode, validation_score
+from alora_ds.core.allocation import plan_round, pruned_by_module
+from alora_ds.core.inject import count_parameters, inject_gated_lora, rank_map
+from alora_ds.core.surgery import apply_plan
+from alora_ds.io.examples import make_batches
+from alora_ds.io.models import build_random_llama, tiny_llama_config
+from alora_ds.scoring.direct import ab_lora_scores, eval_mode, validation_score
 
 SEED = 0
 VOCAB = 128
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"{name:<34} " + " ".join(f"{v:+.4f}" for v in values))
 
     plan = plan_round(importance, n_prune=7)
-    apply_plan(modules, pruned_by_module(plan), plan.added, seed=SEED, round_index=1)
+    apply_plan(modules, pruned_by_module(plan.pruned), plan.added, seed=SEED, round_index=1)
     assert rank_map(model) == plan.ranks_after
 
     print(

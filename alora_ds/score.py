@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import torch
 
-from alora_ds.data import load_tokenized_jsonl, make_batches
 from alora_ds.errors import ArgumentParser, InputError, run_cli
-from alora_ds.files import atomic_write_json, check_output_file
-from alora_ds.modeling import DTYPES, empty_causal_lm, load_causal_lm, parse_dtype
-from alora_ds.peft_io import check_adapter_fits, load_peft_adapter, read_peft_adapter
-from alora_ds.scoring import ab_lora_scores
+from alora_ds.io.examples import load_tokenized_jsonl, make_batches
+from alora_ds.io.files import atomic_write_json, check_output_file
+from alora_ds.io.models import DTYPES, empty_causal_lm, load_causal_lm, parse_dtype
+from alora_ds.io.peft_read import check_adapter_fits, load_peft_adapter, read_peft_adapter
+from alora_ds.scoring.direct import ab_lora_scores
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,9 +58,9 @@ from safetensors import safe_open  # noqa: E402
 from tokenizers import Tokenizer, models  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from alora_ds.core.inject import LLAMA_TARGET_MODULES, find_target_modules, initial_rank  # noqa: E402
 from alora_ds.errors import ArgumentParser, InputError, run_cli  # noqa: E402
-from alora_ds.files import atomic_write_json  # noqa: E402
-from alora_ds.inject import LLAMA_TARGET_MODULES, find_target_modules, initial_rank  # noqa: E402
+from alora_ds.io.files import atomic_write_json  # noqa: E402
 
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3

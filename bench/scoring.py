@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,13 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from alora_ds.runtime.process import free_port
+
 B_VAL, SEQ_LEN, RANK_BUDGET, HIDDEN, LAYERS = 32, 64, 448, 256, 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---- the worker: runs inside `deepspeed --num_gpus N bench/scoring.py --worker ...` -------------
@@ -46,19 +41,21 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from alora_ds.cpu import keep_freed_memory
+    from alora_ds.runtime.cpu import keep_freed_memory
 
     keep_freed_memory()  # as launch/train.py does on CPU, for every method alike
     from transformers import AutoModelForCausalLM
 
-    from alora_ds import dist as D
-    from alora_ds.allocation import plan_round, pruned_by_module
-    from alora_ds.data import make_batches
-    from alora_ds.fast_scoring import ScoringStats, naive_layer_passes
-    from alora_ds.inject import inject_gated_lora
-    from alora_ds.modeling import tiny_llama_config
+    from alora_ds.core.allocation import plan_round, pruned_by_module
+    from alora_ds.core.inject import inject_gated_lora
+    from alora_ds.io.examples import make_batches
+    from alora_ds.io.models import tiny_llama_config
+    from alora_ds.runtime import process as P
+    from alora_ds.runtime import zero
+    from alora_ds.runtime.engine import Engine
+    from alora_ds.scoring.fast import ScoringStats, naive_layer_passes
 
-    info = D.init_distributed(600)
+    info = P.init_distributed(600)
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1,
               train_batch_size=8 * info.world_size)  # fmt: skip
@@ -67,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
         num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=8,
         max_position_embeddings=SEQ_LEN * 2,
     )  # fmt: skip
-    with D.partitioned_loading(ds):
+    with zero.partitioned_loading(ds):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
     modules = inject_gated_lora(model, RANK_BUDGET, seed=0)
@@ -75,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.no_grad():  # trained-looking adapters: every rank changes the loss
         for module in modules.values():
             module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.05)
-    engine = D.create_engine(model, ds, D.OptimizerSettings(1e-4, (0.9, 0.999), 1e-8, 0.0))
+    engine = Engine(model, ds, zero.OptimizerSettings(1e-4, (0.9, 0.999), 1e-8, 0.0), info)
 
     data = torch.Generator().manual_seed(2)
 
@@ -91,18 +88,16 @@ def worker(args: argparse.Namespace) -> None:
     step_times = []
     for i in range(4):
         start = time.perf_counter()
-        engine.backward(engine(**train[i % len(train)]).loss)
+        engine.backward(engine.loss(train[i % len(train)]))
         engine.step()
         step_times.append(time.perf_counter() - start)
     train_step_s = sorted(step_times[1:])[1]  # median of the warm steps
 
     val = make_batches(examples(B_VAL, 1), B_VAL)
     stats = ScoringStats()
-    D.barrier()
+    P.barrier()
     start = time.perf_counter()
-    scores = D.distributed_ab_lora_scores(
-        model, val, info, method=args.method, max_rows=args.max_rows, stats=stats, engine=engine
-    )
+    scores = engine.ab_lora_scores(val, mode=args.method, max_rows=args.max_rows, stats=stats)
     scoring_s = time.perf_counter() - start
     live = sum(m.r for m in modules.values())
     passes = (
@@ -112,22 +107,20 @@ def worker(args: argparse.Namespace) -> None:
     rebuild_s = None
     if args.rebuild:
         plan = plan_round(scores.importance, 7)
-        D.barrier()
+        P.barrier()
         start = time.perf_counter()
-        engine = D.rebuild_engine(engine, model, ds, D.OptimizerSettings(1e-4, (0.9, 0.999), 1e-8, 0.0),
-                                  info, plan.to_json(), pruned_by_module(plan), plan.added,
-                                  seed=0, round_index=1)  # fmt: skip
+        engine.rebuild(pruned_by_module(plan.pruned), plan.added, seed=0, round_index=1)
         rebuild_s = time.perf_counter() - start
         after = []
         for i in range(4):
             start = time.perf_counter()
-            engine.backward(engine(**train[i % len(train)]).loss)
+            engine.backward(engine.loss(train[i % len(train)]))
             engine.step()
             after.append(time.perf_counter() - start)
         # As before the round: the first step of a new engine records ZeRO-3's prefetch trace.
         train_step_after_s = sorted(after[1:])[1]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peaks = D.all_reduce_sum([peak_mb], info.device)[0] / info.world_size
+    peaks = P.all_reduce_sum([peak_mb], info.device)[0] / info.world_size
     if info.is_main:
         Path(args.out).write_text(json.dumps({
             "method": args.method, "processes": info.world_size, "threads": args.threads,

@@ -1,4 +1,4 @@
-"""MT-Bench judging through any OpenAI-compatible chat API (method.md section 7).
+"""MT-Bench judging through any OpenAI-compatible chat API (docs/method.md section 7).
 
 Two protocols, each judging every (question, turn):
 
@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 import openai
 
 from alora_ds.errors import ArgumentParser, InputError, run_cli
-from alora_ds.files import (
+from alora_ds.io.files import (
     atomic_write_json,
     atomic_write_text,
     check_output_file,

@@ -27,10 +27,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from alora_ds.errors import ArgumentParser, InputError, run_cli
-from alora_ds.export import atomic_output_dir, check_replaceable
-from alora_ds.files import check_output_location
-from alora_ds.modeling import DTYPES, empty_causal_lm, parse_dtype
-from alora_ds.peft_io import PeftLoraAdapter, check_adapter_fits, read_peft_adapter
+from alora_ds.io.files import atomic_output_dir, check_output_location, check_replaceable
+from alora_ds.io.models import DTYPES, empty_causal_lm, parse_dtype
+from alora_ds.io.peft_read import PeftLoraAdapter, check_adapter_fits, read_peft_adapter
 
 # Files a tokenizer may consist of (LLaMA: tokenizer.model / tokenizer.json plus the configs).
 TOKENIZER_PATTERNS: tuple[str, ...] = (

@@ -1,4 +1,4 @@
-"""Offline metrics for the paper's tasks (method.md section 7), with the libraries made for them.
+"""Offline metrics for the paper's tasks (docs/method.md section 7), with the libraries made for them.
 
 - sst2, rte, qnli, boolq, copa: accuracy of the generated label text. A prediction that is not
   one of the task's labels (after light normalisation) is wrong and also counted as
@@ -32,7 +32,7 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 from alora_ds.errors import ArgumentParser, InputError, run_cli
-from alora_ds.files import atomic_write_json, check_output_file, read_utf8
+from alora_ds.io.files import atomic_write_json, check_output_file, read_utf8
 
 LABELS: dict[str, tuple[str, ...]] = {
     "sst2": ("positive", "negative"),

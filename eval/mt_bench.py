@@ -38,9 +38,9 @@ import torch
 from transformers import GenerationConfig
 
 from alora_ds.errors import ArgumentParser, InputError, run_cli
-from alora_ds.files import atomic_write_text, check_output_file, read_utf8
-from alora_ds.modeling import DTYPES, parse_dtype
-from alora_ds.tasks import TASKS, tokenize_prompt
+from alora_ds.io.files import atomic_write_text, check_output_file, read_utf8
+from alora_ds.io.models import DTYPES, parse_dtype
+from alora_ds.io.tasks import TASKS, tokenize_prompt
 from eval.judge import Question, load_questions
 from eval.score import (
     check_adapter_for_base,

@@ -3,7 +3,7 @@
     python -m eval.score --model_name_or_path BASE_DIR --adapter ADAPTER_DIR --task sst2 \\
         --data test.jsonl --output_dir OUT [--decoding beam --num_beams 5] [--batch_size 8]
 
-Prompts are built as in training (alora_ds.tasks: format_example + tokenize_prompt, BOS and
+Prompts are built as in training (alora_ds.io.tasks: format_example + tokenize_prompt, BOS and
 left truncation included); responses are generated in batches with left padding and stop at EOS
 or after the task's max_new_tokens. Beam search with 5 beams is the default, as in the paper;
 `--decoding greedy` and `--decoding sample` are the alternatives. OUT receives, atomically:
@@ -38,26 +38,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
 from alora_ds.errors import EXIT_INPUT_ERROR, ArgumentParser, InputError, run_cli
-from alora_ds.files import atomic_write_json, atomic_write_text, check_output_location
-from alora_ds.modeling import DTYPES, parse_dtype, resolve_attn_implementation
-from alora_ds.peft_io import PeftLoraAdapter, read_peft_adapter
-from alora_ds.tasks import format_example, get_task, load_task_rows, references, tokenize_prompt
+from alora_ds.io.files import atomic_write_json, atomic_write_text, check_output_location
+from alora_ds.io.models import DTYPES, parse_dtype, resolve_attn_implementation
+from alora_ds.io.peft_read import PeftLoraAdapter, read_peft_adapter
+from alora_ds.io.tasks import format_example, get_task, load_task_rows, references, tokenize_prompt
+from alora_ds.runtime.eval_group import (
+    Processes,
+    gather_on_main,
+    join_process_group,
+    launched_processes,
+    leave_process_group,
+)
 from eval.merge import base_skeleton, check_mergeable, first_line, load_base, merge_adapter
 from eval.metrics import TASKS as SCORED_TASKS
 from eval.metrics import compute_metrics
@@ -372,53 +376,9 @@ def prediction_rows(
     return rows
 
 
-# ----------------------------------------------------------------------------- processes
-# Plain data parallelism: the only collective is one all_gather of the predictions at the end.
-# gloo on every machine, GPUs included: it carries Python objects (a few KB of text) and keeps
-# CUDA out of the communication.
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the launched ones (torchrun / deepspeed set the env)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def launched_processes() -> Processes:
-    """Rank, world size and local rank from the launcher's environment (1 process without)."""
-    return Processes(
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
-
-
-def join_process_group(procs: Processes, timeout_s: int) -> None:
-    """Join the launcher's process group (gloo); a no-op for a single process."""
-    if procs.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-
-
-def gather_on_main(value: Any, procs: Processes) -> list[Any] | None:
-    """Every process's `value` in rank order on rank 0 (None elsewhere); a collective."""
-    if procs.world_size == 1:
-        return [value]
-    gathered: list[Any] = [None] * procs.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered if procs.is_main else None
-
-
-def leave_process_group() -> None:
-    """Destroy the process group if this module created one."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+# Plain data parallelism (alora_ds.runtime.eval_group): the only collective is one all_gather of
+# the predictions at the end, over gloo on every machine, GPUs included: it carries Python
+# objects (a few KB of text) and keeps CUDA out of the communication.
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -21,7 +21,7 @@ Per process (one per GPU), in GB (10^9 bytes):
   the loss's transient fp32 logits; with gradient checkpointing only each layer's input is kept
   and one layer is recomputed at a time.
 - scoring buffers: an AB-LoRA round runs forwards under no_grad over B_val; the prefix cache of
-  alora_ds.fast_scoring holds every layer's input and post-attention state for M and for the
+  alora_ds.scoring.fast holds every layer's input and post-attention state for M and for the
   LoRA-free network, for one chunk of --scoring_rows rows, plus one forward of a block of
   candidates (the full LM head: an upper bound, since the fast scorer runs the head only at
   supervised positions).
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -48,19 +47,13 @@ from pathlib import Path
 # Runnable as `python launch/estimate.py` too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-# DeepSpeed picks its accelerator at import; name it on a CPU box to skip the probing warning.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: E402
-from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig  # noqa: E402
-
-from alora_ds.errors import InputError, run_cli  # noqa: E402
-from alora_ds.inject import LLAMA_TARGET_MODULES, find_target_modules, initial_rank  # noqa: E402
-from alora_ds.modeling import read_model_config  # noqa: E402
+from alora_ds.core.inject import LLAMA_TARGET_MODULES, find_target_modules, initial_rank
+from alora_ds.errors import InputError, run_cli
+from alora_ds.io.models import read_model_config
+from alora_ds.runtime.zero import deepspeed_model_states_estimate
 
 GB = 1e9
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -69,7 +62,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # (1 GB per GPU in bf16, however few parameters are trainable).
 PREFETCH_BUCKET = int(5e7)
 REDUCE_BUCKET = int(5e8)
-# Rows x tokens of one scoring forward: alora_ds.fast_scoring.default_max_rows batches candidates
+# Rows x tokens of one scoring forward: alora_ds.scoring.fast.default_max_rows batches candidates
 # up to max(8 rows, 16,384 tokens).
 SCORING_BLOCK_TOKENS = 16_384
 # Bytes per trainable parameter beyond its weight: fp32 master copy + Adam's exp_avg, exp_avg_sq.
@@ -322,15 +315,9 @@ def estimate(
     acts_ckpt = checkpointed_activation_bytes(s, d, tokens)
     scoring = scoring_bytes(s, d, scoring_rows, seq_len)
 
-    if zero_stage == 3:
-        ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
-            a, s.largest_adapter_params, gpus_per_node, nodes, cpu_offload=offload,
-            cpu_offload_params=offload, zero_init=True,
-        )  # fmt: skip
-    else:
-        ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(
-            a, gpus_per_node, nodes, cpu_offload=offload
-        )
+    ds_cpu, ds_gpu = deepspeed_model_states_estimate(
+        zero_stage, a, s.largest_adapter_params, gpus_per_node, nodes, offload=offload
+    )
     return Estimate(
         frozen_weights=frozen_bytes,
         gathered_weights=gathered,

@@ -32,7 +32,7 @@ from eval.judge import (
     rouge_l_against_references,
 )
 from eval.metrics import rouge_l
-from tests.eval.conftest import SECRET, FakeJudge
+from tests.helpers import SECRET, FakeJudge
 
 FAST_RETRY = RetryPolicy(max_retries=3, base_delay_s=0.01, max_delay_s=0.05)
 

@@ -10,10 +10,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from alora_ds.errors import run_cli
-from alora_ds.tasks import format_example
+from alora_ds.io.tasks import format_example
 from eval import judge, mt_bench
 from eval.judge import load_answers, load_questions
-from tests.eval.conftest import FakeJudge, TinySetup
+from tests.helpers import FakeJudge, TinySetup
 
 ANSWER_KEYS = {"question_id", "answer_id", "model_id", "choices", "tstamp"}
 

@@ -5,27 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig
 
 from alora_ds.errors import run_cli
-from alora_ds.tasks import TASKS, format_example, load_task_rows, sample_path
+from alora_ds.io.tasks import TASKS, format_example, load_task_rows, sample_path
 from eval import merge, metrics, score
-from tests.eval.conftest import TinySetup
-
-REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import REPO, TORCHRUN, TinySetup, free_port
 
 
 def score_argv(setup: TinySetup, task: str, out: Path, *extra: str, adapter: bool = True) -> list:

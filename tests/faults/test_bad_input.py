@@ -31,13 +31,12 @@ import pytest
 from transformers import GPT2Config
 
 import alora_ds.score as adapter_score
-from alora_ds import dist as D
 from alora_ds.errors import run_cli
+from alora_ds.runtime import process as P
 from eval import judge, merge, metrics, mt_bench, score
 from launch import train
-from tests.eval.conftest import build_tiny_setup
+from tests.helpers import REPO, build_tiny_setup
 
-REPO = Path(__file__).resolve().parents[2]
 ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 SST2_TEST = str(REPO / "alora_ds" / "data" / "samples" / "sst2" / "test.jsonl")
 
@@ -541,7 +540,7 @@ def stop_before_training(*args: object, **kwargs: object) -> None:
     ],
 )
 def test_bad_input(case: Case, workspace: Workspace, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(D, "init_distributed", stop_before_training)
+    monkeypatch.setattr(P, "init_distributed", stop_before_training)
     for name, value in case.env.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)

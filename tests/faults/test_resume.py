@@ -20,24 +20,18 @@ from safetensors.torch import load_file
 
 from alora_ds.errors import run_cli
 from launch import train
-from tests.test_train import DEEPSPEED, REPO, SMALL_RUN, free_port, read_rounds
+from tests.helpers import OFFLINE, REPO, SMALL_RUN, free_port, read_rounds, run_train
 
 # 15 optimizer steps: rounds after steps 5 and 7, checkpoints every 2 steps and at each round.
 RUN = [*SMALL_RUN, "--save_steps", "2", "--progress_bar", "false", "--report_to", "none"]
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu")
+ENV = dict(os.environ, **OFFLINE)
+# A checkpoint being written: `.step_NNNNNNN.tmp-XXXX` beside the finished ones.
+TEMPORARY = ".step_*.tmp-*"
 
 
 def launch(output_dir: Path, *args: str, fault: str | None = None, procs: int = 2):
-    script = [str(REPO / "launch" / "train.py"), "--ds_config", str(REPO / "ds_configs/zero3.json")]
-    if procs == 1:
-        command = [sys.executable, *script]
-    else:
-        command = [DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), *script]
-    env = dict(ENV, **({"ALORA_DS_TEST_FAULT": fault} if fault else {}))
-    return subprocess.run(
-        [*command, "--output_dir", str(output_dir), *RUN, *args],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-    )  # fmt: skip
+    env = {"ALORA_DS_TEST_FAULT": fault} if fault else {}
+    return run_train(output_dir, *args, procs=procs, env=env, base=RUN, timeout=300)
 
 
 def latest(output_dir: Path) -> str:
@@ -83,7 +77,7 @@ def test_killed_anywhere_and_resumed_ends_like_an_uninterrupted_run(reference, t
             continue
         assert latest(out) == left, fault
         assert ("resumed from" in result.stdout) == (left != "step_0000002"), fault
-        assert list((out / "checkpoints").glob(".tmp-*")) == [] or fault == "kill@save:10"
+        assert list((out / "checkpoints").glob(TEMPORARY)) == [] or fault == "kill@save:10"
         if fault.startswith("disk"):
             message = result.stderr.strip().splitlines()
             assert any(
@@ -101,7 +95,7 @@ def test_killed_anywhere_and_resumed_ends_like_an_uninterrupted_run(reference, t
         json.loads((out / "summary.json").read_text())["ranks_by_type"]
         == json.loads((reference / "summary.json").read_text())["ranks_by_type"]
     )
-    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written one was cleared
+    assert not list((out / "checkpoints").glob(TEMPORARY))  # the half-written one was cleared
     expected, got = adapter(reference), adapter(out)
     assert expected.keys() == got.keys()
     for key in expected:  # bitwise: fp32 masters and Adam moments are restored exactly

@@ -33,14 +33,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, dynamic_module_utils
 
 import alora_ds.score as adapter_score
-from alora_ds import dist as D
 from alora_ds.errors import InputError, run_cli
-from alora_ds.peft_io import read_peft_adapter
+from alora_ds.io.peft_read import read_peft_adapter
+from alora_ds.runtime import process as P
 from eval import judge, merge, mt_bench, score
 from launch import train
-from tests.eval.conftest import build_tiny_setup, fake_verdict
+from tests.helpers import REPO, build_tiny_setup, fake_verdict
 
-REPO = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("alora_ds", "eval", "launch", "bench")
 SHELL_FREE_DIRS = ("alora_ds", "eval")  # where prompts and model outputs are handled
 
@@ -198,7 +197,7 @@ def custom_code_model(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     monkeypatch.setattr("builtins.input", lambda *args: "y")
     # Where transformers would copy the code before importing it: kept inside tmp_path.
     monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
-    monkeypatch.setattr(D, "init_distributed", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(P, "init_distributed", lambda *a, **k: pytest.fail("training started"))
     return model, marker
 
 

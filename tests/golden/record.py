@@ -181,10 +181,6 @@ def main() -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 # ---- comparing a run with its golden file -------------------------------------------------------
 
 
@@ -235,3 +231,7 @@ def compare(golden: dict, actual: dict) -> list[str]:
         if not _close(want["tensor_sums"], got["tensor_sums"], max(rel, 1e-4 * (not bitwise))):
             problems.append(f"{name}: adapter tensors differ")
     return problems
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

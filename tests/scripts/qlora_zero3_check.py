@@ -13,20 +13,22 @@ from pathlib import Path
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import bitsandbytes as bnb  # noqa: E402
-import torch  # noqa: E402
+import bitsandbytes as bnb
+import torch
 
-from alora_ds import dist as D  # noqa: E402
-from alora_ds.allocation import plan_round, pruned_by_module  # noqa: E402
-from alora_ds.data import make_batches  # noqa: E402
-from alora_ds.inject import inject_gated_lora, rank_map  # noqa: E402
-from alora_ds.modeling import load_base_model  # noqa: E402
-from tests.conftest import random_examples  # noqa: E402
+from alora_ds.core.allocation import plan_round, pruned_by_module
+from alora_ds.core.inject import inject_gated_lora, rank_map
+from alora_ds.io.examples import make_batches
+from alora_ds.io.models import load_base_model
+from alora_ds.runtime import process as P
+from alora_ds.runtime import zero
+from alora_ds.runtime.engine import Engine
+from tests.helpers import random_examples
 
 ds = json.loads(Path(sys.argv[1]).read_text())
 tmp = Path(sys.argv[2])
 reference = json.loads((tmp / "ref.json").read_text())
-info = D.init_distributed(60)
+info = P.init_distributed(60)
 ds.update(
     train_micro_batch_size_per_gpu=4,
     gradient_accumulation_steps=1,
@@ -38,7 +40,7 @@ model, _ = load_base_model(
     dtype=torch.float32,
     attn_implementation="sdpa",
     seed=0,
-    loading_context=D.partitioned_loading(ds),
+    loading_context=zero.partitioned_loading(ds),
     load_in_4bit=True,
 )
 model.config.use_cache = False
@@ -51,18 +53,17 @@ q_proj = model.model.layers[0].self_attn.q_proj.base_layer
 assert isinstance(q_proj, bnb.nn.Linear4bit)
 # transformers never partitions a quantised model while loading: every process holds all of it
 # (64 x 64 nf4 values packed into fp32 storage: 512 elements) until the engine shards it.
-assert not D.is_partitioned(q_proj.weight) and q_proj.weight.numel() == 64 * 64 // 8
-settings = D.OptimizerSettings(0.0, (0.9, 0.999), 1e-8, 0.0)
-engine = D.create_engine(model, ds, settings)
-assert D.is_partitioned(q_proj.weight) and q_proj.weight.numel() == 0  # sharded by ZeRO-3
+assert not zero.is_partitioned(q_proj.weight) and q_proj.weight.numel() == 64 * 64 // 8
+engine = Engine(model, ds, zero.OptimizerSettings(0.0, (0.9, 0.999), 1e-8, 0.0), info)
+assert zero.is_partitioned(q_proj.weight) and q_proj.weight.numel() == 0  # sharded by ZeRO-3
 
 batches = make_batches(random_examples(8, seed=3), 4)
-loss = engine(**batches[0]).loss  # lr 0: the first step moves nothing
+loss = engine.loss(batches[0])  # lr 0: the first step moves nothing
 assert abs(float(loss) - reference["loss"]) < 1e-5, (float(loss), reference["loss"])
 engine.backward(loss)
 engine.step()
 
-scores = D.distributed_ab_lora_scores(model, batches, info, method="fast", engine=engine)
+scores = engine.ab_lora_scores(batches, mode="fast")
 worst = 0.0
 for key, values in (("S_without", scores.S_without), ("S_only", scores.S_only)):
     for name in values:
@@ -71,20 +72,17 @@ for key, values in (("S_without", scores.S_without), ("S_only", scores.S_only)):
 assert worst < 1e-5, worst
 
 plan = plan_round(scores.importance, 7)
-settings = D.OptimizerSettings(1e-2, (0.9, 0.999), 1e-8, 0.0)
-engine = D.rebuild_engine(
-    engine, model, ds, settings, info, plan.to_json(), pruned_by_module(plan), plan.added,
-    seed=0, round_index=1,
-)  # fmt: skip
+engine.settings = zero.OptimizerSettings(1e-2, (0.9, 0.999), 1e-8, 0.0)  # the rebuilt AdamW's
+engine.rebuild(pruned_by_module(plan.pruned), plan.added, seed=0, round_index=1)
 assert rank_map(model) == plan.ranks_after
 losses = []
 for i in range(3):
-    loss = engine(**batches[i % 2]).loss
+    loss = engine.loss(batches[i % 2])
     engine.backward(loss)
     engine.step()
     losses.append(float(loss))
 assert all(torch.isfinite(torch.tensor(losses))), losses
-exported = D.gathered_adapter_tensors(model)
+exported = engine.adapter_tensors()
 assert {n: a.lora_A.shape[0] for n, a in exported.items()} == plan.ranks_after
-D.barrier()
+P.barrier()
 print(f"rank {info.rank}: qlora zero3 ok, max rel err {worst:.2e}, losses {losses}", flush=True)

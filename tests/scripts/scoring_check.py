@@ -8,36 +8,37 @@ from pathlib import Path
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
-from alora_ds import dist as D  # noqa: E402
-from alora_ds.allocation import plan_round  # noqa: E402
-from alora_ds.data import make_batches  # noqa: E402
-from alora_ds.inject import gated_modules, inject_gated_lora  # noqa: E402
-from tests.conftest import random_examples  # noqa: E402
-from tests.test_fast_scoring import randomise_adapters  # noqa: E402
+from alora_ds.core.allocation import plan_round
+from alora_ds.core.inject import gated_modules, inject_gated_lora
+from alora_ds.io.examples import make_batches
+from alora_ds.runtime import process as P
+from alora_ds.runtime import zero
+from alora_ds.runtime.engine import Engine
+from tests.helpers import random_examples, randomise_adapters
 
 ds = json.loads(Path(sys.argv[1]).read_text())
 reference = json.loads((Path(sys.argv[2]) / "ref.json").read_text())
-info = D.init_distributed(60)
+info = P.init_distributed(60)
 ds.update(
     train_micro_batch_size_per_gpu=4,
     gradient_accumulation_steps=1,
     train_batch_size=4 * info.world_size,
 )
-with D.partitioned_loading(ds):  # the test's model, partitioned while loading
+with zero.partitioned_loading(ds):  # the test's model, partitioned while loading
     model = AutoModelForCausalLM.from_pretrained(Path(sys.argv[2]) / "base")
 modules = inject_gated_lora(model, 42, seed=0)
 randomise_adapters(modules, seed=1, uneven=True)  # as the reference: same values everywhere
-engine = D.create_engine(model, ds, D.OptimizerSettings(0.0, (0.9, 0.999), 1e-8, 0.0))
+engine = Engine(model, ds, zero.OptimizerSettings(0.0, (0.9, 0.999), 1e-8, 0.0), info)
 batches = make_batches(random_examples(10, seed=3), 4)
 # A first training step (lr 0: nothing moves), as in a real run: ZeRO-3 prefetching is set up
 # by the first forward after initialize.
-engine.backward(engine(**batches[0]).loss)
+engine.backward(engine.loss(batches[0]))
 engine.step()
 
-naive = D.distributed_ab_lora_scores(model, batches, info, method="naive")
-fast = D.distributed_ab_lora_scores(model, batches, info, method="fast", max_rows=12, engine=engine)
+naive = engine.ab_lora_scores(batches, mode="naive")
+fast = engine.ab_lora_scores(batches, mode="fast", max_rows=12)
 worst = 0.0
 for scores in (naive, fast):
     for name in scores.S_without:

@@ -1,0 +1,149 @@
+"""The process group and the collectives the trainer uses outside the engine.
+
+Every function here that communicates must be called by every process, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from alora_ds.runtime.slurm import slurm_environment
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because a peer died or stayed silent past the
+    timeout: NCCL raises DistError subclasses, gloo a plain RuntimeError from its transport."""
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and "gloo/transport" in str(exc)
+    )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a group of one, which still needs a rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _skip_cpu_shared_memory_all_reduce() -> None:
+    """Let gloo do every CPU collective instead of DeepSpeed's shared-memory all-reduce op.
+
+    That op is compiled at the first launch (a C++ compiler and about a minute), and every
+    later launch takes a file lock in ~/.cache/torch_extensions to check it: a process killed
+    while holding that lock (Ctrl-C at start-up, a scheduler's timeout) leaves the lock behind
+    and every later run waits on it forever, silently. It also leaves a 68 MB /dev/shm buffer
+    per process behind after every run. CPU runs are for tests and demos, where gloo's speed
+    is enough; GPU runs use NCCL and never reach this op.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(timeout_s: int) -> DistInfo:
+    """Join (or, run as a plain script, create) the process group.
+
+    Launched by deepspeed / torchrun the usual RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT are set; under `srun` they are derived from Slurm's variables; run as
+    `python launch/train.py` it becomes a group of one. `timeout_s` bounds every collective, so
+    a dead peer ends the run instead of hanging it.
+    """
+    os.environ.update(slurm_environment(os.environ))
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        backend, device = "nccl", torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+        _skip_cpu_shared_memory_all_reduce()
+    deepspeed.init_distributed(
+        dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False
+    )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def all_gather_tensor(value: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's `value` (same shape everywhere), in rank order."""
+    out = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, value.contiguous())
+    return out
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every process iff `flag` is true on every process."""
+    tensor = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor)
+    return int(tensor) == 0
+
+
+def gathered_rng_states(info: DistInfo) -> dict[str, torch.Tensor]:
+    """Every process's torch generator states, on every process: `cpu.<rank>` and, on GPUs,
+    `cuda.<rank>` (collective)."""
+    own = {"cpu": torch.get_rng_state()}
+    if info.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(info.device)
+    rng: dict[str, torch.Tensor] = {}
+    for kind, state in own.items():
+        for rank, gathered_state in enumerate(all_gather_tensor(state.to(info.device))):
+            rng[f"{kind}.{rank}"] = gathered_state.cpu()
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], info: DistInfo) -> bool:
+    """Put this process's generator states back; False when the checkpoint has none for this
+    process (it was written by a different number of processes)."""
+    if f"cpu.{info.rank}" not in rng or f"cpu.{info.world_size}" in rng:
+        return False
+    torch.set_rng_state(rng[f"cpu.{info.rank}"])
+    if info.device.type == "cuda" and f"cuda.{info.rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.{info.rank}"], info.device)
+    return True
+
+
+def peak_memory_bytes(info: DistInfo) -> list[int]:
+    """Every process's peak memory (GPU: allocated by torch; CPU: resident set), in rank order
+    (collective)."""
+    import resource
+
+    peak = (
+        torch.cuda.max_memory_allocated(info.device)
+        if info.device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS, bytes
+    )
+    everyone = all_gather_tensor(torch.tensor([peak], dtype=torch.int64, device=info.device))
+    return [int(p) for p in everyone]

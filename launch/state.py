@@ -1,0 +1,149 @@
+"""The training loop's state (launch/train.py), what it logs and exports, and the checkpoints
+that carry it across launches: written at round boundaries and every --save_steps, read back by
+--resume_from_checkpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alora_ds.io.checkpoint import (
+    flatten_states,
+    list_checkpoints,
+    read_checkpoint,
+    unflatten_states,
+    write_checkpoint,
+)
+from alora_ds.io.peft_write import write_peft_adapter
+from alora_ds.io.run_dir import rewind
+from alora_ds.methods import Method
+from alora_ds.runtime import process as P
+from alora_ds.runtime.engine import Engine
+from launch.faults import Faults
+
+
+@dataclass
+class LoopState:
+    """Where the loop is. The first fields are what a checkpoint carries (trainer_state.json)."""
+
+    step: int = 0  # optimizer steps done
+    round_index: int = 0  # rounds done
+    history: list[dict] = field(default_factory=list)  # per round: ranks and scores
+    best_loss: float = float("inf")
+    evals_without_gain: int = 0
+    skipped_steps: int = 0
+    wall_s: float = 0.0  # wall time of the run's earlier launches
+    tokens: float = 0.0  # training tokens of the whole run
+    peak_params: int = 0  # the most adapter parameters held at any time
+    # Not checkpointed: the logging window and this launch's start.
+    tokens_seen: float = 0.0
+    window_start: float = field(default_factory=time.perf_counter)
+    launch_start: float = field(default_factory=time.perf_counter)
+    tokens_per_s: float | None = None
+
+    def saved(self) -> dict:
+        return {
+            "step": self.step, "round_index": self.round_index, "history": self.history,
+            "best_loss": self.best_loss, "evals_without_gain": self.evals_without_gain,
+            "skipped_steps": self.skipped_steps, "tokens": self.tokens,
+            "wall_s": self.wall_s + time.perf_counter() - self.launch_start,
+            "peak_params": self.peak_params,
+        }  # fmt: skip
+
+
+def log_record(
+    state: LoopState, sink, info: P.DistInfo, schedule, lr: float, loss, extra: dict
+) -> str:
+    """Log step `state.step` to the metric sinks (collective: the tokens are summed over the
+    processes); returns the console line."""
+    elapsed = time.perf_counter() - state.window_start
+    tokens = P.all_reduce_sum([state.tokens_seen], info.device)[0]
+    record = {
+        "step": state.step,
+        "epoch": round(state.step / schedule.steps_per_epoch, 4),
+        "loss": None if loss is None else float(loss.detach()),  # a skipped step has none
+        **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
+        "lr": lr,
+        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+        **extra,
+    }
+    state.tokens_seen, state.window_start = 0.0, time.perf_counter()
+    state.tokens_per_s = record["tokens_per_s"]
+    sink.log(record, step=state.step)
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+    )
+
+
+def export_adapter(engine: Engine, directory: Path, base_name: str | None, metadata: dict) -> None:
+    """The adapters as a PEFT adapter directory (gathered on every process, written by the main
+    one)."""
+    tensors = engine.adapter_tensors()
+    if engine.info.is_main:
+        write_peft_adapter(tensors, directory, base_model_name_or_path=base_name, metadata=metadata)
+    P.barrier()
+
+
+def last_checkpoint(output_dir: Path) -> str:
+    """What a failure message says is left to resume from."""
+    previous = list_checkpoints(output_dir)
+    if not previous:
+        return "no checkpoint has been written yet"
+    return f"the last good checkpoint is {previous[-1]}"
+
+
+def save(
+    engine: Engine, method: Method, state: LoopState, output_dir: Path, *, keep: int,
+    global_batch: int, faults: Faults,
+) -> str | None:  # fmt: skip
+    """A checkpoint of everything the loop needs to go on from `state.step` (collective; the
+    main process writes). Returns why the write failed, on every process, or None."""
+    info = engine.info
+    tensors = flatten_states(engine.read_states())
+    rng = P.gathered_rng_states(info)
+    tensors.update(method.state_tensors())
+    trainer_state = {
+        **state.saved(), "rank_map": engine.rank_map(),
+        "optimizer_step": engine.optimizer_step_count(), "world_size": info.world_size,
+        "global_batch": global_batch,
+    }  # fmt: skip
+    failure = None
+    if info.is_main:
+        faults.before_save(state.step)
+        try:
+            write_checkpoint(output_dir, state.step, tensors, rng, trainer_state, keep=keep)
+        except OSError as exc:
+            failure = f"{exc.strerror or exc} ({exc.filename or output_dir})"
+    if P.all_agree(failure is None, info.device):
+        return None
+    return failure or "see process 0"
+
+
+def resume(
+    path: Path, engine: Engine, method: Method, output_dir: Path, seed: int,
+    log: Callable[[str], None],
+) -> LoopState:  # fmt: skip
+    """The loop state of checkpoint `path`, with the adapters, Adam's state, the method's
+    statistics and the random generators put back; the logs are rewound to it."""
+    info = engine.info
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.state
+    states = unflatten_states(checkpoint.tensors, list(engine.modules), str(path))
+    engine.install(states, saved["optimizer_step"])
+    assert engine.rank_map() == saved["rank_map"]
+    method.load_state_tensors(checkpoint.tensors)
+    same_rng = P.restore_rng(checkpoint.rng, info)
+    state = LoopState(**{key: saved[key] for key in LoopState().saved()})
+    if info.is_main:  # what the interrupted run logged after its checkpoint is redone
+        rewind(output_dir, state.step, state.round_index)
+    log(
+        f"resumed from {path} at step {state.step}, round {state.round_index}"
+        + ("" if same_rng else "; random generators re-seeded (different process count)")
+    )
+    if not same_rng:
+        torch.manual_seed(seed + state.step)
+    return state
