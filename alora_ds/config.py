@@ -53,7 +53,9 @@ class TrainConfig:
 
     # ---- data ----------------------------------------------------------------------------
     task: str = "sst2"
-    """sst2, rte, qnli, boolq, copa, record, squad, e2e, alpaca, or pretokenized."""
+    """sst2, rte, qnli, boolq, copa, record, squad, e2e, alpaca (the paper's templates);
+    prompt_completion (prompt / completion rows), chat (`messages` rows rendered with the
+    tokenizer's chat template, the loss on the assistant turns); or pretokenized."""
     train_file: str | None = None
     """Training data (json, jsonl, csv, parquet); defaults to the task's sample file."""
     validation_file: str | None = None
@@ -91,16 +93,26 @@ class TrainConfig:
     """SoRA: strength of the L1 proximal step on the gates (threshold = lr x sora_lambda)."""
     val_examples: int = 32
     """|B_val|: development examples scored per round (drawn anew each round, fixed within it)."""
-    cap_parameters: bool = True
-    """Also keep the adapter parameter count at or under its value at the start (a rank moved
-    from k_proj to up_proj costs more parameters); false follows the paper's rank rule alone."""
+    cap_parameters: bool = False
+    """Beyond the paper: also keep the adapter parameter count at or under its value at the
+    start (a rank moved from k_proj to up_proj costs more parameters) by withdrawing new ranks.
+    False (the paper, footnote 4): every round shares all n_A new ranks among the modules that
+    lost none."""
     scoring_batch_size: int = 8
     """Validation examples per chunk when scoring (the prefix cache holds one chunk)."""
     scoring: str = "fast"
-    """fast (prefix caching, candidate batching, head at supervised positions; exact) or naive
-    (two full forwards per rank: the reference)."""
+    """fast (prefix caching, candidate batching, head at supervised positions; exact), naive
+    (two full forwards per rank: the reference) or screened (beyond the paper: every rank
+    estimated from two gradient passes, exact scores only for the ranks that decide the round,
+    which the round file marks)."""
     scoring_max_rows: int = 0
     """Rows (candidates x examples) per scoring forward; 0 picks a cap from the sequence length."""
+    screen_candidates: int = 0
+    """screened: ranks with the lowest estimates scored exactly first (0: 4 x n_A); more are
+    scored, automatically, until the cut is proven."""
+    screen_verify: bool = False
+    """screened: also score every rank exactly and record in the round file whether the plans
+    agree (costs a full fast round; for measuring the estimator)."""
 
     # ---- optimisation -----------------------------------------------------------------------
     output_dir: str = ""
@@ -108,7 +120,8 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     """Allow writing into an output_dir that holds another run."""
     ds_config: str = ""
-    """DeepSpeed config JSON (ZeRO stage, precision, micro-batch size): required."""
+    """DeepSpeed config JSON (ZeRO stage, precision, micro-batch size): required. A bare name
+    that is not a file here (zero3.json) is one of the repository's ds_configs/."""
     seed: int = 42
     """Seed for the model init, data order, B_val draws and new ranks."""
     learning_rate: float = 1e-4
@@ -289,6 +302,10 @@ def validate(config: TrainConfig) -> None:
         f"--scoring_max_rows must be >= 0, got {config.scoring_max_rows}",
     )
     need(
+        config.screen_candidates >= 0,
+        f"--screen_candidates must be >= 0, got {config.screen_candidates}",
+    )
+    need(
         config.attn_implementation in ("auto", "sdpa", "eager", "flash_attention_2"),
         f"--attn_implementation {config.attn_implementation!r} is not auto, sdpa, eager or "
         "flash_attention_2",
@@ -356,6 +373,25 @@ def to_json(config: TrainConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data.pop("local_rank")
     return data
+
+
+# The engine settings that ship with the repository; `--ds_config zero3.json` names one of them.
+DS_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def resolve_ds_config(path: str) -> str:
+    """The ds config file `path` names: the path itself when it is a file, else, for a bare
+    file name (no directory part), the repository's ds_configs/<name> as an absolute path (what
+    config.json then records). Anything else comes back unchanged for load_ds_config to refuse."""
+    if Path(path).is_file() or Path(path).name != path:
+        return path
+    shipped = DS_CONFIGS_DIR / path
+    if shipped.is_file():
+        return str(shipped)
+    names = ", ".join(sorted(p.name for p in DS_CONFIGS_DIR.glob("*.json")))
+    raise InputError(
+        f"ds config {path} does not exist, here or in {DS_CONFIGS_DIR} (which holds: {names})"
+    )
 
 
 def load_ds_config(path: str) -> dict[str, Any]:

@@ -10,16 +10,22 @@
 - `nan@step:N`: the loss of step N is not finite;
 - `corrupt@round:N`: this process's rebuilt adapters are perturbed after round N, before the
   processes prove that they agree;
+- `run@step:N`, `run@scoring:N`: run the command line in ALORA_DS_TEST_FAULT_RUN (no shell) there and go
+  on (e.g. `ip link set eth0 down`: the node's network is cut while the process lives on);
 
-on every process, or only on process `rank`. Nothing here is part of the library: the trainer
-calls these hooks, which do nothing when no fault is asked for.
+on every process, or only on process `rank`. With ALORA_DS_TEST_FAULT_ONCE=PATH a fault fires
+at most once: firing creates PATH, and a launch that finds PATH arms nothing (a requeued Slurm
+job is started again with the environment that asked for the fault). Nothing here is part of
+the library: the trainer calls these hooks, which do nothing when no fault is asked for.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import shlex
 import signal
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +34,8 @@ from alora_ds.io import checkpoint
 from alora_ds.runtime.engine import Engine
 
 FAULT_ENV = "ALORA_DS_TEST_FAULT"
+RUN_ENV = "ALORA_DS_TEST_FAULT_RUN"
+ONCE_ENV = "ALORA_DS_TEST_FAULT_ONCE"
 
 
 @dataclass(frozen=True)
@@ -43,20 +51,27 @@ class Faults:
     @staticmethod
     def from_env(rank: int) -> Faults:
         text = os.environ.get(FAULT_ENV)
-        if not text:
+        once = os.environ.get(ONCE_ENV)
+        if not text or (once and os.path.exists(once)):
             return Faults(rank=rank)
         kind, where, *only = text.split("@")
         point, at = where.split(":")
         return Faults(kind, point, int(at), int(only[0]) if only else None, rank)
 
     def hits(self, kind: str, point: str, at: int) -> bool:
-        return (self.kind, self.point, self.at) == (kind, point, at) and self.only_rank in (
+        """Whether the fault is due here; one that is, is spent (see ALORA_DS_TEST_FAULT_ONCE)."""
+        due = (self.kind, self.point, self.at) == (kind, point, at) and self.only_rank in (
             None,
             self.rank,
         )
+        if due and os.environ.get(ONCE_ENV):
+            open(os.environ[ONCE_ENV], "a").close()
+        return due
 
     def fire(self, point: str, at: int) -> None:
-        """A `kill` or `raise` fault due at (point, at)."""
+        """A `kill`, `raise` or `run` fault due at (point, at)."""
+        if self.hits("run", point, at):
+            subprocess.run(shlex.split(os.environ[RUN_ENV]), check=True)  # a command line, no shell
         if self.hits("kill", point, at):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.hits("raise", point, at):

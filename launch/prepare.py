@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 
-from alora_ds.config import TrainConfig, load_ds_config, resolve_batch_sizes, to_json
+from alora_ds.config import (
+    TrainConfig,
+    load_ds_config,
+    resolve_batch_sizes,
+    resolve_ds_config,
+    to_json,
+)
 from alora_ds.core.allocation import parameter_count
 from alora_ds.core.inject import (
     count_parameters,
@@ -104,8 +110,12 @@ class Setup:
     def outputs_line(self, *, base_model: bool) -> str:
         cfg = self.cfg
         return (
-            f"outputs in {self.output_dir}: adapter/, "
-            + ("best_adapter/, " if self.method.fits_budget_while_training else "")
+            f"outputs in {self.output_dir}: adapter/, adapter_portable/, "
+            + (
+                "best_adapter/, best_adapter_portable/, "
+                if self.method.fits_budget_while_training
+                else ""
+            )
             + "allocation/, metrics.jsonl, config.json, summary.json, ranks.png, checkpoints/"
             + (", tensorboard/" if "tensorboard" in cfg.report_to else "")
             + (", base_model/" if base_model else "")
@@ -115,11 +125,12 @@ class Setup:
 def prepare(cfg: TrainConfig) -> Setup:
     """Check every input before anything is started or written."""
     # Aliases of models we can build offline ("smollm2"): converted once, then a local path,
-    # which config.json records.
+    # which config.json records; so is the file a bare --ds_config name (zero3.json) resolves to.
     cfg = dataclasses.replace(
         cfg,
         model_name_or_path=resolve_model_alias(cfg.model_name_or_path),
         tokenizer_name_or_path=resolve_model_alias(cfg.tokenizer_name_or_path),
+        ds_config=resolve_ds_config(cfg.ds_config),
     )
     output_dir = Path(cfg.output_dir)
     resume_path = (
@@ -199,11 +210,14 @@ def method_settings(cfg: TrainConfig) -> MethodSettings:
     return MethodSettings(
         seed=cfg.seed,
         num_rounds=cfg.num_rounds,
+        prune_per_round=cfg.prune_per_round,
         sora_lambda=cfg.sora_lambda,
         val_examples=cfg.val_examples,
         scoring=cfg.scoring,
         scoring_batch_size=cfg.scoring_batch_size,
         scoring_max_rows=cfg.scoring_max_rows,
+        screen_candidates=cfg.screen_candidates,
+        screen_verify=cfg.screen_verify,
     )
 
 

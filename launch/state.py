@@ -18,7 +18,9 @@ from alora_ds.io.checkpoint import (
     unflatten_states,
     write_checkpoint,
 )
-from alora_ds.io.peft_write import write_peft_adapter
+from alora_ds.io.files import atomic_write_json
+from alora_ds.io.peft_portable import portable_dir, write_portable_adapter
+from alora_ds.io.peft_write import lora_config, write_peft_adapter
 from alora_ds.io.run_dir import rewind
 from alora_ds.methods import Method
 from alora_ds.runtime import process as P
@@ -37,7 +39,7 @@ class LoopState:
     evals_without_gain: int = 0
     skipped_steps: int = 0
     wall_s: float = 0.0  # wall time of the run's earlier launches
-    tokens: float = 0.0  # training tokens of the whole run
+    tokens: float = 0.0  # this process's training tokens (+ everyone's before a resume, on 0)
     peak_params: int = 0  # the most adapter parameters held at any time
     # Not checkpointed: the logging window and this launch's start.
     tokens_seen: float = 0.0
@@ -80,12 +82,32 @@ def log_record(
 
 
 def export_adapter(engine: Engine, directory: Path, base_name: str | None, metadata: dict) -> None:
-    """The adapters as a PEFT adapter directory (gathered on every process, written by the main
-    one)."""
+    """The adapters as a PEFT adapter directory, and its portable twin beside it (`directory` +
+    `_portable`: one rank and one scale for every module, for vLLM and llama.cpp); gathered on
+    every process, written by the main one."""
     tensors = engine.adapter_tensors()
     if engine.info.is_main:
         write_peft_adapter(tensors, directory, base_model_name_or_path=base_name, metadata=metadata)
+        write_portable_adapter(
+            tensors, portable_dir(directory), base_model_name_or_path=base_name, metadata=metadata
+        )
     P.barrier()
+
+
+def write_allocation_config(
+    engine: Engine, output_dir: Path, base_name: str | None, lora_dropout: float
+) -> None:
+    """allocation/lora_config.json: a PEFT LoraConfig whose rank_pattern is the final allocation
+    and whose alpha_pattern keeps every module's trained scale, for a fresh run of any
+    peft-based trainer (`get_peft_model(model, LoraConfig(**json))`). Main process only."""
+    live = {name: module for name, module in engine.modules.items() if module.r > 0}
+    if engine.info.is_main and live:
+        config = lora_config(
+            {name: module.r for name, module in live.items()},
+            {name: module.scale for name, module in live.items()},
+            base_model_name_or_path=base_name, lora_dropout=lora_dropout, inference_mode=False,
+        )  # fmt: skip
+        atomic_write_json(output_dir / "allocation" / "lora_config.json", config)
 
 
 def last_checkpoint(output_dir: Path) -> str:
@@ -110,6 +132,8 @@ def save(
         **state.saved(), "rank_map": engine.rank_map(),
         "optimizer_step": engine.optimizer_step_count(), "world_size": info.world_size,
         "global_batch": global_batch,
+        # Every process's tokens: each counts only its own, and only process 0's state is saved.
+        "tokens": P.all_reduce_sum([state.tokens], info.device)[0],
     }  # fmt: skip
     failure = None
     if info.is_main:
@@ -138,6 +162,8 @@ def resume(
     method.load_state_tensors(checkpoint.tensors)
     same_rng = P.restore_rng(checkpoint.rng, info)
     state = LoopState(**{key: saved[key] for key in LoopState().saved()})
+    if not info.is_main:  # the saved count is every process's: the summary's sum counts it once
+        state.tokens = 0.0
     if info.is_main:  # what the interrupted run logged after its checkpoint is redone
         rewind(output_dir, state.step, state.round_index)
     log(

@@ -48,7 +48,15 @@ from alora_ds.report.tracking import (
 )
 from alora_ds.runtime import process as P
 from launch.prepare import Run, log, prepare, start
-from launch.state import LoopState, export_adapter, last_checkpoint, log_record, resume, save
+from launch.state import (
+    LoopState,
+    export_adapter,
+    last_checkpoint,
+    log_record,
+    resume,
+    save,
+    write_allocation_config,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,7 +128,7 @@ def train_step(run: Run, state: LoopState) -> tuple[torch.Tensor, bool]:
             # so leaving out backward and step leaves weights and Adam untouched.
             state.skipped_steps += 1
             log(
-                run,
+                run.info,
                 f"step {step + 1}: non-finite loss, step skipped ({state.skipped_steps} so far)",
             )
             return loss, False
@@ -207,7 +215,7 @@ def allocation_round(run: Run, state: LoopState) -> dict:
         atomic_write_json(allocation / f"round_{index:02d}.json", {
             "round": index, "ranks_before": plan.ranks_before, "scores": scores.importance,
             "S_M": scores.s_m, "pruned": [list(p) for p in plan.pruned], "added": plan.added,
-            "ranks_after": plan.ranks_after,
+            "ranks_after": plan.ranks_after, **scores.extra,
         })  # fmt: skip
         plot_rank_heatmap(plan.ranks_after, allocation / f"ranks_round_{index:02d}.png",
                           title=f"LoRA ranks after round {index}")  # fmt: skip
@@ -218,7 +226,7 @@ def allocation_round(run: Run, state: LoopState) -> dict:
     types = dict(Counter(name.rsplit(".", 1)[-1] for name, _ in plan.pruned))
     log(run.info, f"round {index}: " + (f"S(M) {scores.s_m:.4f}, " if scores.s_m is not None else "")
         + f"pruned {len(plan.pruned)} {types}, added {sum(plan.added.values())} {plan.added}; "
-        f"scored in {scored_s:.1f}s")  # fmt: skip
+        f"scored in {scored_s:.1f}s" + (f" ({scores.note})" if scores.note else ""))  # fmt: skip
     return {"round": index, "pruned": len(plan.pruned), "scoring_s": round(scored_s, 3),
             "rebuild_s": round(round_s - scored_s, 3)}  # fmt: skip
 
@@ -255,6 +263,7 @@ def finish(run: Run, state: LoopState) -> None:
         log(run.info, f"{run.cfg.method}: {prune.zero_gates} gates at zero; pruned "
                  f"{len(prune.pruned)} ranks to the budget")  # fmt: skip
     export(run, state, "adapter")
+    write_allocation_config(engine, setup.output_dir, run.base_name, run.cfg.lora_dropout)
     final = engine.rank_map()
     wall_s = state.wall_s + time.perf_counter() - state.launch_start
     peaks = P.peak_memory_bytes(info)

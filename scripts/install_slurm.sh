@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install what tests/test_slurm.py runs the multi-node launch paths with, from Debian:
-#   slurm-wlm       slurmctld, slurmd, sbatch, srun, sinfo (a throw-away one-node cluster)
+# Install what tests/launch/test_slurm.py runs the multi-node launch paths with, from Debian:
+#   slurm-wlm       slurmctld, slurmd, sbatch, srun, sinfo (a throw-away cluster of three nodes)
 #   pdsh            DeepSpeed's default multi-node launcher (`deepspeed --hostfile`)
-#   openssh-server  the sshd that pdsh reaches "localhost" through (started by the test on a
-#                   free loopback port with its own key, never as a system service)
+#   openssh-server  the sshd that pdsh reaches each node through (started by the test on each
+#                   node with its own key, never as a system service)
+#   iproute2        `ip`: the test's nodes are network namespaces joined by a bridge
 #
 #   bash scripts/install_slurm.sh
 #
@@ -11,11 +12,11 @@
 # sudo) to apt-get; exits non-zero with one line on stderr when it cannot install.
 set -euo pipefail
 
-packages=(slurm-wlm pdsh openssh-server)
+packages=(slurm-wlm pdsh openssh-server iproute2)
 
 missing_tools() {
     local tool
-    for tool in slurmctld slurmd sbatch srun sinfo pdsh sshd; do
+    for tool in slurmctld slurmd sbatch srun sinfo pdsh sshd ip; do
         command -v "$tool" >/dev/null || [[ -x "/usr/sbin/$tool" ]] || echo "$tool"
     done
 }
@@ -26,7 +27,7 @@ version() {
 }
 
 if [[ -z "$(missing_tools)" ]]; then
-    echo "$(version), pdsh and sshd already installed"
+    echo "$(version), pdsh, sshd and ip already installed"
     exit 0
 fi
 
@@ -62,4 +63,4 @@ if [[ -n "$still" ]]; then
     echo "error: ${packages[*]} installed but ${still}not found" >&2
     exit 1
 fi
-echo "$(version), pdsh and sshd installed"
+echo "$(version), pdsh, sshd and ip installed"

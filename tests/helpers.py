@@ -3,15 +3,19 @@ data, and a fake OpenAI-compatible judge. Tests import from here, never from eac
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -97,6 +101,39 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 
 # ---- tiny models and data -----------------------------------------------------------------------
+
+VADER_EXCERPT = REPO / "tests" / "data" / "vader_excerpt"
+
+
+def load_script(name: str, path: Path) -> ModuleType:
+    """A script outside the packages (bench/, scripts/) imported as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    """A .tar.gz archive of `files` (member name -> bytes), built in memory."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def vader_sdist(path: Path, archive: str) -> Path:
+    """A file shaped like the vaderSentiment source distribution, its ratings archive (member
+    `archive`) holding the committed excerpt of the VADER ground-truth files."""
+    ratings = {
+        f"hutto_ICWSM_2014/{file.name}": file.read_bytes()
+        for file in VADER_EXCERPT.glob("*_GroundTruth.txt")
+    }
+    path.write_bytes(tar_gz({archive: tar_gz(ratings)}))
+    return path
 
 
 def random_examples(n: int, length: int = 12, vocab: int = 128, seed: int = 0) -> list[dict]:

@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from alora_ds.config import load_ds_config, parse_args, resolve_batch_sizes
+from alora_ds.config import load_ds_config, parse_args, resolve_batch_sizes, resolve_ds_config
 from tests.helpers import REPO
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -96,3 +96,19 @@ def test_recipes_hold_only_known_keys():
     # parse_args already refuses unknown keys; this names the file if a recipe is not a mapping.
     for recipe in RECIPES:
         assert isinstance(yaml.safe_load(recipe.read_text()), dict), recipe.name
+
+
+def test_a_bare_ds_config_name_is_one_of_the_shipped_ones(tmp_path, monkeypatch):
+    # The card's command, `--ds_config zero3.json`, from a directory that has no such file.
+    monkeypatch.chdir(tmp_path)
+    assert resolve_ds_config("zero3.json") == str(REPO / "ds_configs" / "zero3.json")
+    assert load_ds_config(resolve_ds_config("zero3.json"))["zero_optimization"]["stage"] == 3
+    # A file that is there wins; a path with a directory part is never rewritten.
+    (tmp_path / "zero3.json").write_text("{}")
+    assert resolve_ds_config("zero3.json") == "zero3.json"
+    assert resolve_ds_config("configs/zero3.json") == "configs/zero3.json"
+    with pytest.raises(ValueError, match=r"ds config configs/zero3\.json does not exist"):
+        load_ds_config(resolve_ds_config("configs/zero3.json"))
+    shipped = r"zero2\.json, zero3\.json, zero3_bf16\.json"
+    with pytest.raises(ValueError, match=rf"ds config zero4\.json does not exist, here or in .*ds_configs \(which holds: {shipped}"):  # fmt: skip
+        resolve_ds_config("zero4.json")

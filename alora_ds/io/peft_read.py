@@ -59,22 +59,41 @@ class PeftLoraAdapter:
         return {name: a.shape[0] for name, a in self.lora_A.items()}
 
 
-def _read_config(adapter_dir: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (adapter_config.json, alora_metadata.json); anything else is
+    a one-line InputError naming the file."""
+    try:
+        data = json.loads(read_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_lora_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json of a PEFT LoRA adapter directory, checked only for being one (the
+    directory and file exist, hold a JSON object, peft_type LORA); its fields are unchecked."""
+    adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / CONFIG_NAME
     if not adapter_dir.is_dir():
         raise InputError(f"adapter directory {adapter_dir} does not exist")
     if not config_path.is_file():
-        raise InputError(f"adapter directory {adapter_dir} has no {CONFIG_NAME}")
-    try:
-        config = json.loads(read_utf8(config_path))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{config_path} is not valid JSON ({exc.msg})") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{config_path}: expected a JSON object")
+        raise InputError(
+            f"adapter directory {adapter_dir} has no {CONFIG_NAME}: not a PEFT adapter "
+            "(a model checkpoint? pass the adapter's directory)"
+        )
+    config = read_json_object(config_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise InputError(
             f"{config_path}: peft_type is {config['peft_type']!r}, only LORA is supported"
         )
+    return config
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    config = read_lora_config(adapter_dir)
+    config_path = adapter_dir / CONFIG_NAME
     unsupported = {
         "use_dora": bool(config.get("use_dora")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),

@@ -187,15 +187,35 @@ def peft_config(
     live = {name: module for name, module in tensors.items() if module.r > 0}
     if not live:
         raise InputError("refusing to write an empty adapter: no module has a rank")
-    ranks = {name: module.r for name, module in live.items()}
+    return lora_config(
+        {name: module.r for name, module in live.items()},
+        {name: module.scale for name, module in live.items()},
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def lora_config(
+    ranks: Mapping[str, int],
+    scales: Mapping[str, float],
+    *,
+    base_model_name_or_path: str | None,
+    lora_dropout: float = 0.0,
+    inference_mode: bool = True,
+) -> dict[str, Any]:
+    """A PEFT LoraConfig (as its JSON dict) that gives every module in `ranks` (all > 0) its
+    own rank and scale through rank_pattern / alpha_pattern, one anchored key per module.
+
+    inference_mode=False and a dropout make it a config to start a fresh run from
+    (`LoraConfig(**config)` for `get_peft_model`); the defaults are an exported adapter's.
+    """
     # peft's scaling is alpha / r in float64. With alpha = s * r it is s exactly whenever any
     # float alpha can give s; for about one (s, r) pair in nine none can (the quotients of floats
     # by r skip some floats), and s * r then gives the nearest one, 1 ulp (1e-16 relative) away.
-    alphas = {name: module.scale * module.r for name, module in live.items()}
+    alphas = {name: scales[name] * r for name, r in ranks.items()}
     # The defaults are the most common rank and its alpha (ties: the larger rank): every module
     # has its own pattern entries, so only tools that ignore the patterns read them.
     counts = Counter(ranks.values())
-    default_name = max(live, key=lambda n: (counts[ranks[n]], ranks[n]))
+    default_name = max(ranks, key=lambda n: (counts[ranks[n]], ranks[n]))
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -204,15 +224,15 @@ def peft_config(
         "lora_alpha": alphas[default_name],
         "rank_pattern": {pattern_key(n): r for n, r in ranks.items()},
         "alpha_pattern": {pattern_key(n): alpha for n, alpha in alphas.items()},
-        "target_modules": list(live),
-        "lora_dropout": 0.0,
+        "target_modules": list(ranks),
+        "lora_dropout": lora_dropout,
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "inference_mode": True,
+        "inference_mode": inference_mode,
     }
 
 
@@ -251,14 +271,28 @@ def write_peft_adapter(
                     f"adapter module {name!r} matches none of the target modules {list(hints)}"
                 )
     state = peft_tensors(tensors, dtype)
-    config_text = json.dumps(
-        peft_config(tensors, base_model_name_or_path=base_model_name_or_path), indent=2
-    )
-    # Serialised up front so that a metadata dict json cannot encode fails before any write.
+    config = peft_config(tensors, base_model_name_or_path=base_model_name_or_path)
+    return write_adapter_files(out_dir, state, config, metadata)
+
+
+def write_adapter_files(
+    out_dir: str | Path,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checked adapter (safetensors state dict, adapter_config.json, and
+    alora_metadata.json when given) to `out_dir` atomically; returns `out_dir`.
+
+    An existing adapter directory (or empty directory) there is replaced only when the new one
+    is complete; any other existing path is refused.
+    """
+    # Serialised up front so that a dict json cannot encode fails before any write.
+    config_text = json.dumps(dict(config), indent=2)
     metadata_text = None if metadata is None else json.dumps(dict(metadata), indent=2)
 
     with atomic_output_dir(out_dir, marker=CONFIG_NAME) as tmp:
-        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_file(dict(state), str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config_text + "\n", encoding="utf-8")
         if metadata_text is not None:
             (tmp / METADATA_NAME).write_text(metadata_text + "\n", encoding="utf-8")

@@ -2,7 +2,9 @@
 
 A split is a local file (json, jsonl, csv, parquet) of a task's raw rows, a Hugging Face dataset
 name (when the hub can be reached), or pre-tokenized `input_ids`/`labels` rows (task
-`pretokenized`). Every example ends as `{"input_ids": [...], "labels": [...]}`.
+`pretokenized`). The rows are read through a paper task's template (`alora_ds.io.tasks`) or as
+one of the formats users bring (`alora_ds.io.formats`: prompt_completion, chat). Every example
+ends as `{"input_ids": [...], "labels": [...]}`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from pathlib import Path
 
 from alora_ds.errors import InputError
 from alora_ds.io.examples import Example, load_tokenized_jsonl
+from alora_ds.io.formats import CHAT, USER_FORMATS, check_chat_template, tokenize_user_row
 from alora_ds.io.tasks import (
     TASKS,
+    TokenizedExample,
     format_example,
     load_task_rows,
+    row_prefix,
     sample_path,
     tokenize_example,
 )
@@ -41,8 +46,8 @@ class SplitStats:
 
 
 def check_task(task: str) -> None:
-    if task != PRETOKENIZED and task not in TASKS:
-        known = ", ".join([*sorted(TASKS), PRETOKENIZED])
+    if task != PRETOKENIZED and task not in TASKS and task not in USER_FORMATS:
+        known = ", ".join([*sorted(TASKS), *USER_FORMATS, PRETOKENIZED])
         raise InputError(f"unknown task {task!r}; known tasks: {known}")
 
 
@@ -52,8 +57,8 @@ def resolve_split_path(task: str, path: str | None, split: str) -> str:
         if not Path(path).is_file():
             raise InputError(f"{split} file {path} does not exist")
         return path
-    if task == PRETOKENIZED:
-        raise InputError(f"task pretokenized needs --{split}_file (a JSON-lines file)")
+    if task == PRETOKENIZED or task in USER_FORMATS:
+        raise InputError(f"task {task} needs --{split}_file (a json, jsonl, csv or parquet file)")
     return str(sample_path(task, "dev" if split == "validation" else split))
 
 
@@ -72,6 +77,17 @@ def _hub_rows(dataset_name: str, split: str) -> list[dict]:
             f"--dataset_name {dataset_name} split {split} could not be loaded ({type(exc).__name__}); "
             "pass local files with --train_file / --validation_file"
         ) from exc
+
+
+def tokenize_row(
+    task: str, row: dict, row_id: int, source: str, tokenizer, max_length: int
+) -> TokenizedExample | None:
+    """One raw row as a training example (None: it cannot fit max_length), through the task's
+    template or a user format; errors name `source` and `row_id`."""
+    if task in USER_FORMATS:
+        return tokenize_user_row(task, tokenizer, row, max_length, row_prefix(source, row_id))
+    prompt, response = format_example(task, row, row_id=row_id, source=source)
+    return tokenize_example(tokenizer, prompt, response, max_length)
 
 
 def build_split(
@@ -103,11 +119,12 @@ def build_split(
         rows = load_task_rows(source)
     if not rows:
         raise InputError(f"{source}: the {split} split is empty")
+    if task == CHAT:
+        check_chat_template(tokenizer, task)
     examples: list[Example] = []
     truncated = dropped = 0
     for index, row in enumerate(rows):
-        prompt, response = format_example(task, row, row_id=index + 1, source=source)
-        tokenized = tokenize_example(tokenizer, prompt, response, max_length)
+        tokenized = tokenize_row(task, row, index + 1, source, tokenizer, max_length)
         if tokenized is None:
             dropped += 1
             continue

@@ -197,7 +197,7 @@ def get_task(name: str) -> TaskSpec:
         ) from None
 
 
-def _where(source: str | Path | None, row_id: int | str | None) -> str:
+def row_prefix(source: str | Path | None, row_id: int | str | None) -> str:
     """Error prefix: 'data/sst2/train.jsonl row 3: ' (either part may be missing)."""
     parts = [str(source)] if source is not None else []
     if row_id is not None:
@@ -303,7 +303,7 @@ def references(
     Alpaca: [output]. Errors name `source` and `row_id` like `format_example`.
     """
     spec = get_task(task)
-    where = _where(source, row_id)
+    where = row_prefix(source, row_id)
     _check_row(row, where)
     return _response_texts(spec, row, where)
 
@@ -322,7 +322,7 @@ def format_example(
     name the row in errors (pass the 1-based row number and the file path).
     """
     spec = get_task(task)
-    where = _where(source, row_id)
+    where = row_prefix(source, row_id)
     _check_row(row, where)
     prompt_fields = [f for f in spec.required_fields if f != spec.response_field]
     values = {f: _text_field(spec, row, f, where) for f in prompt_fields}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
@@ -26,6 +26,7 @@ from alora_ds.core.allocation import select_pruned
 from alora_ds.core.layer import GateKind
 from alora_ds.core.schedule import Schedule
 from alora_ds.scoring.direct import Batch, Progress, RankScores
+from alora_ds.scoring.screened import ScreenedScores
 
 # What a step trains: everything (None), only A and B ("weights") or only the gates ("gates").
 TrainedPart = str | None
@@ -55,6 +56,16 @@ class Adapters(Protocol):
         progress: Progress | None = None,
     ) -> RankScores: ...
 
+    def screened_scores(
+        self,
+        batches: Sequence[Batch],
+        n_prune: int,
+        *,
+        candidates: int = 0,
+        max_rows: int = 0,
+        progress: Progress | None = None,
+    ) -> ScreenedScores: ...
+
 
 @dataclass(frozen=True)
 class MethodSettings:
@@ -63,11 +74,14 @@ class MethodSettings:
 
     seed: int = 42
     num_rounds: int = 8  # N_A
+    prune_per_round: float = 7  # n_A: a count, or a fraction of the live ranks
     sora_lambda: float = 0.1
     val_examples: int = 32  # |B_val|
-    scoring: str = "fast"
+    scoring: str = "fast"  # naive, fast or screened
     scoring_batch_size: int = 8
     scoring_max_rows: int = 0
+    screen_candidates: int = 0  # screened: ranks scored exactly first (0: 4 x n_A)
+    screen_verify: bool = False  # screened: also score every rank exactly and compare
 
 
 @dataclass(frozen=True)
@@ -96,10 +110,13 @@ class RoundInputs:
 @dataclass(frozen=True)
 class RoundScores:
     """A round's importance of every live rank (module -> one score per rank, in index order),
-    and S(M) where the scores come from ablations (None otherwise)."""
+    S(M) where the scores come from ablations (None otherwise), and what else the round file
+    should record about how they were computed."""
 
     importance: dict[str, list[float]]
     s_m: float | None = None
+    extra: dict = field(default_factory=dict)
+    note: str = ""  # for the round's log line
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from alora_ds.core.layer import GatedLoRALinear
 from alora_ds.core.surgery import AdapterState, load_state, plan_states
 from alora_ds.io.peft_write import ModuleAdapter, adapter_tensors_from_model
 from alora_ds.runtime import zero
-from alora_ds.runtime.process import DistInfo, all_gather_tensor, all_reduce_sum
+from alora_ds.runtime.process import DistInfo, all_gather_tensor, all_reduce_sum, sum_tensor
 from alora_ds.runtime.zero import OptimizerSettings
 from alora_ds.scoring.direct import (
     Batch,
@@ -37,6 +37,7 @@ from alora_ds.scoring.direct import (
     supervised_loss_totals,
 )
 from alora_ds.scoring.fast import LlamaStack, ScoringStats, default_max_rows, fast_ablation_scores
+from alora_ds.scoring.screened import ScreenedScores, screened_scores
 
 # A trained part of every adapter, for the alternating steps of bi-level training (DNAS):
 # None trains everything, "weights" only A and B, "gates" only the gate tensors.
@@ -145,24 +146,16 @@ class Engine:
         p taking candidates p, p + W, ... Every process ends with every score.
         """
 
-        def gather(local: torch.Tensor) -> list[torch.Tensor]:
-            return [t.cpu() for t in all_gather_tensor(local.to(self.info.device))]
-
         if mode == "fast" and LlamaStack.supports(self.model):
-            # The fast path calls the decoder layers one by one, never the model's own forward,
-            # where ZeRO-3 resets its fetch bookkeeping; without the reset every pass looks like
-            # a step of one endless forward and the bookkeeping grows without bound.
-            offload = getattr(self.ds.optimizer, "parameter_offload", None)
-            reset = offload.get_param_coordinator().reset_step if offload is not None else None
             return fast_ablation_scores(
                 self.model,
                 batches,
                 max_rows=max_rows or default_max_rows(batches),
                 rank=self.info.rank,
                 world_size=self.info.world_size,
-                gather=gather,
+                gather=self._gather,
                 stats=stats,
-                start_of_pass=reset,
+                start_of_pass=self._start_of_pass(),
                 progress=progress,
             )
         return shared_ab_lora_scores(
@@ -170,9 +163,57 @@ class Engine:
             batches,
             rank=self.info.rank,
             world_size=self.info.world_size,
-            gather=gather,
+            gather=self._gather,
             progress=progress,
         )
+
+    def screened_scores(
+        self,
+        batches: Sequence[Batch],
+        n_prune: int,
+        *,
+        candidates: int = 0,
+        estimator: str = "first-order",
+        max_rows: int = 0,
+        progress: Progress | None = None,
+        stats: ScoringStats | None = None,
+    ) -> ScreenedScores:
+        """Screened AB-LoRA (alora_ds.scoring.screened): every rank estimated from the gates'
+        gradients (B_val's chunks shared out over the processes, the sums all-reduced), exact
+        scores where they decide a round that prunes `n_prune`; the same on every process."""
+        if not LlamaStack.supports(self.model):
+            raise ValueError(
+                f"screened scoring needs a LLaMA-style model, got {type(self.model).__name__}"
+            )
+        return screened_scores(
+            self.model,
+            batches,
+            n_prune,
+            candidates=candidates,
+            estimator=estimator,
+            max_rows=max_rows or default_max_rows(batches),
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            gather=self._gather,
+            all_reduce=self._all_reduce,
+            start_of_pass=self._start_of_pass(),
+            progress=progress,
+            stats=stats,
+        )
+
+    def _gather(self, local: torch.Tensor) -> list[torch.Tensor]:
+        return [t.cpu() for t in all_gather_tensor(local.to(self.info.device))]
+
+    def _all_reduce(self, local: torch.Tensor) -> torch.Tensor:
+        return sum_tensor(local.to(self.info.device)).cpu()
+
+    def _start_of_pass(self) -> Callable[[], None] | None:
+        """What the scorers call before each pass through the layers. They call the decoder
+        layers one by one, never the model's own forward, where ZeRO-3 resets its fetch
+        bookkeeping; without the reset every pass looks like a step of one endless forward and
+        the bookkeeping grows without bound."""
+        offload = getattr(self.ds.optimizer, "parameter_offload", None)
+        return offload.get_param_coordinator().reset_step if offload is not None else None
 
     @torch.no_grad()
     def dev_loss(self, batches: Sequence[Batch]) -> float:

@@ -6,6 +6,8 @@ Every function here that communicates must be called by every process, in the sa
 from __future__ import annotations
 
 import os
+import re
+import resource
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from alora_ds.errors import RunFailure
 from alora_ds.runtime.slurm import slurm_environment
 
 
@@ -36,6 +39,8 @@ class DistInfo:
 def is_collective_failure(exc: BaseException) -> bool:
     """Whether `exc` is a collective failing because a peer died or stayed silent past the
     timeout: NCCL raises DistError subclasses, gloo a plain RuntimeError from its transport."""
+    if isinstance(exc, RunFailure):  # already said in one line (e.g. by init_distributed)
+        return False
     return isinstance(exc, dist.DistError) or (
         isinstance(exc, RuntimeError) and "gloo/transport" in str(exc)
     )
@@ -81,10 +86,51 @@ def init_distributed(timeout_s: int) -> DistInfo:
     else:
         backend, device = "gloo", torch.device("cpu")
         _skip_cpu_shared_memory_all_reduce()
-    deepspeed.init_distributed(
-        dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False
+        )
+    except RuntimeError as exc:
+        if not is_collective_failure(exc):
+            raise
+        raise RunFailure(_join_failure(exc, backend)) from exc
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def _join_failure(exc: BaseException, backend: str) -> str:
+    """Why the processes never formed a group, and what to check. Nothing was lost, so this is
+    not the lost-contact message (which says to resume): on several nodes it is almost always
+    the address a process listens on, or MASTER_ADDR, being one the other nodes cannot reach."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = re.sub(r"\[(enforce fail at )?\S+:\d+\] ", "", first)  # "[/gloo/.../pair.cc:152] "
+    variable = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
+    interface = os.environ.get(variable)
+    what = (
+        "the network interface the nodes reach each other on (`ip -br addr` lists them), and "
+        "MASTER_ADDR must resolve to that network on every node"
+    )
+    if interface:
+        hint = f"{variable} is {interface!r}: it must name {what}"
+    else:
+        hint = f"set GLOO_SOCKET_IFNAME (gloo) or NCCL_SOCKET_IFNAME (NCCL) to {what}"
+    if backend == "gloo" and not interface:
+        # Without GLOO_SOCKET_IFNAME gloo listens on the address of this host's name, and on
+        # the loopback interface when that name resolves to nothing or to 127.x.
+        host = socket.gethostname()
+        try:
+            address = socket.gethostbyname(host)
+        except OSError:
+            address = "no address"
+        if not address[0].isdigit() or address.startswith("127."):
+            hint = (
+                f"this host's name {host!r} resolves to {address}, so gloo listened on the "
+                f"loopback interface, which no other node reaches: {hint}"
+            )
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    return (
+        f"could not start the process group of {os.environ.get('WORLD_SIZE')} process(es) "
+        f"(rendezvous at {where}): {first}; {hint}"
+    )
 
 
 def barrier() -> None:
@@ -102,6 +148,13 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
     tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def sum_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The sum of every process's `value` (same shape everywhere), the same on every process."""
+    out = value.clone()
+    dist.all_reduce(out)
+    return out
 
 
 def all_agree(flag: bool, device: torch.device) -> bool:
@@ -138,8 +191,6 @@ def restore_rng(rng: dict[str, torch.Tensor], info: DistInfo) -> bool:
 def peak_memory_bytes(info: DistInfo) -> list[int]:
     """Every process's peak memory (GPU: allocated by torch; CPU: resident set), in rank order
     (collective)."""
-    import resource
-
     peak = (
         torch.cuda.max_memory_allocated(info.device)
         if info.device.type == "cuda"

@@ -1,6 +1,9 @@
-"""AB-LoRA's importance scores: the direct reference scorer (`direct`) and the fast exact one
-(`fast`). Plain torch over core; the distributed split is a `gather` function the caller passes.
+"""AB-LoRA's importance scores: the direct reference scorer (`direct`), the fast exact one
+(`fast`) and the screened one (`screened`: estimates everywhere, exact where they decide the
+round). Plain torch over core; the collectives are functions the caller passes.
+
+This file itself imports nothing, so the configuration can read the mode names without torch.
 """
 
-# The exact scoring paths, as `--scoring` names them.
-SCORING_MODES: tuple[str, ...] = ("fast", "naive")
+# The scoring paths, as `--scoring` names them.
+SCORING_MODES: tuple[str, ...] = ("fast", "naive", "screened")

@@ -144,11 +144,14 @@ def _layer_of(name: str, layer_names: Sequence[str]) -> int:
 
 
 def candidate_groups(
-    modules: Mapping[str, GatedLoRALinear], layer_names: Sequence[str]
+    modules: Mapping[str, GatedLoRALinear],
+    layer_names: Sequence[str],
+    candidates: Sequence[Candidate] | None = None,
 ) -> list[tuple[int, int, list[Candidate]]]:
-    """Candidates grouped by (layer, half), in layer order: the groups share their prefix."""
+    """Candidates (default: every live rank) grouped by (layer, half), in layer order: the
+    groups share their prefix."""
     groups: dict[tuple[int, int], list[Candidate]] = {}
-    for name, index in all_candidates(modules):
+    for name, index in all_candidates(modules) if candidates is None else candidates:
         layer = _layer_of(name, layer_names)
         half = ATTENTION if ".self_attn." in name[len(layer_names[layer]) :] else MLP
         groups.setdefault((layer, half), []).append((name, index))
@@ -201,7 +204,6 @@ def _row_gates(
             modules[name].row_gates = None
 
 
-@torch.no_grad()
 def fast_ablation_scores(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -223,19 +225,45 @@ def fast_ablation_scores(
     candidates with counts that add up to the number of live ranks (of all processes: see
     CandidateProgress).
     """
+    modules = gated_modules(model)
+    ordered = all_candidates(modules)
+    s_m, s_base, results = fast_candidate_scores(
+        model, batches, ordered, max_rows=max_rows, rank=rank, world_size=world_size,
+        gather=gather, stats=stats, start_of_pass=start_of_pass, progress=progress,
+    )  # fmt: skip
+    return assemble_scores(modules, s_m, s_base, ordered, [results[c] for c in ordered])
+
+
+@torch.no_grad()
+def fast_candidate_scores(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    candidates: Sequence[Candidate],
+    *,
+    max_rows: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather | None = None,
+    stats: ScoringStats | None = None,
+    start_of_pass: Callable[[], None] | None = None,
+    progress: Progress | None = None,
+) -> tuple[float, float, dict[Candidate, tuple[float, float]]]:
+    """S(M), S(base) and (S(M \\ r), S(M_r)) of each of `candidates` (live ranks, the same on
+    every process), exact, the fast way (see fast_ablation_scores); `progress` counts add up to
+    len(candidates)."""
     start_of_pass = start_of_pass or (lambda: None)
     if not LlamaStack.supports(model):
         raise ValueError(f"fast scoring needs a LLaMA-style model, got {type(model).__name__}")
     stack = LlamaStack(model)
     modules = gated_modules(model)
     layer_names = [n for n, m in model.named_modules() if any(m is layer for layer in stack.layers)]
-    groups = candidate_groups(modules, layer_names)
+    groups = candidate_groups(modules, layer_names, candidates)
     layout = share_layout(groups, world_size)
     mine = [shares[rank] for shares in layout]  # this process's padded share of each group
     stats = stats if stats is not None else ScoringStats()
     slots = sum(len(share) for share in mine)
     # Work units: every slot (padding too: it costs the same forwards) in both modes, per chunk.
-    counter = CandidateProgress(progress, 2 * slots * len(batches), len(all_candidates(modules)))
+    counter = CandidateProgress(progress, 2 * slots * len(batches), len(candidates))
     loss_sums = torch.zeros(slots, 2, dtype=torch.float64)  # (slot, mode)
     reference = torch.zeros(2, dtype=torch.float64)  # S(M), S(base) loss sums
     total_tokens = 0
@@ -291,7 +319,6 @@ def fast_ablation_scores(
                 module.adapter_off = False
 
     everyone = gather(loss_sums) if gather is not None else [loss_sums]
-    candidates = [c for _, _, cands in groups for c in cands]
     results: dict[Candidate, tuple[float, float]] = {}
     for group_index, shares in enumerate(layout):
         offset = sum(len(layout[g][0]) for g in range(group_index))
@@ -303,15 +330,8 @@ def fast_ablation_scores(
                         -float(row[_OFF]) / total_tokens,
                         -float(row[_ON]) / total_tokens,
                     )
-    ordered = all_candidates(modules)
-    assert len(candidates) == len(ordered)
-    return assemble_scores(
-        modules,
-        -float(reference[_OFF]) / total_tokens,
-        -float(reference[_ON]) / total_tokens,
-        ordered,
-        [results[c] for c in ordered],
-    )
+    assert len(results) == len(set(candidates))
+    return -float(reference[_OFF]) / total_tokens, -float(reference[_ON]) / total_tokens, results
 
 
 def _run_block(
@@ -377,6 +397,7 @@ __all__ = [
     "default_max_rows",
     "even_blocks",
     "fast_ablation_scores",
+    "fast_candidate_scores",
     "naive_layer_passes",
     "share_layout",
 ]

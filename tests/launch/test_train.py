@@ -45,13 +45,19 @@ def check_run(output_dir: Path, result: subprocess.CompletedProcess) -> None:
 
     rounds = read_rounds(output_dir)
     assert [r["round"] for r in rounds] == [1, 2]
+    config = json.loads((output_dir / "config.json").read_text())
+    capped = config["cap_parameters"]  # the paper's rule (footnote 4) unless capped
     previous = None
     for record in rounds:
         assert set(record) == ROUND_KEYS
         # The round obeys the allocation rules against its own scores.
         costs = {name: RANK_COSTS[name.rsplit(".", 1)[-1]] for name in record["scores"]}
-        plan = plan_round(record["scores"], 7, rank_costs=costs, param_budget=PARAM_BUDGET)
-        assert sum(r * costs[n] for n, r in record["ranks_after"].items()) <= PARAM_BUDGET
+        budget = PARAM_BUDGET if capped else None
+        plan = plan_round(record["scores"], 7, rank_costs=costs, param_budget=budget)
+        params = sum(r * costs[n] for n, r in record["ranks_after"].items())
+        assert params <= PARAM_BUDGET or not capped
+        if not capped and plan.receivers:  # footnote 4: all n_A new ranks are shared out
+            assert sum(record["ranks_after"].values()) == sum(record["ranks_before"].values())
         assert record["pruned"] == [list(p) for p in plan.pruned]
         assert record["added"] == plan.added
         assert record["ranks_after"] == plan.ranks_after
@@ -66,11 +72,11 @@ def check_run(output_dir: Path, result: subprocess.CompletedProcess) -> None:
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["total_ranks_start"] == BUDGET
     assert summary["total_ranks_end"] == sum(rounds[-1]["ranks_after"].values())
-    assert summary["adapter_params_end"] <= PARAM_BUDGET == summary["adapter_params_start"]
+    assert summary["adapter_params_start"] == PARAM_BUDGET
+    assert summary["adapter_params_end"] <= PARAM_BUDGET or not capped
     for png in ("ranks.png", "allocation/ranks_round_01.png", "allocation/ranks_round_02.png"):
         assert (output_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    config = json.loads((output_dir / "config.json").read_text())
     assert config["rank_budget"] == BUDGET and config["resolved"]["r_init"] == 2
     assert "final ranks per module type" in result.stdout
 
@@ -254,3 +260,18 @@ def test_bf16_zero3_and_stage0(tmp_path):
         assert ("bfloat16" in result.stdout) == (stage == 3)
         assert len(read_rounds(out)) == 1
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_make_demo_keeps_the_budget_whenever_some_module_lost_nothing(tmp_path):
+    """The README's `make demo`, as it runs it: with the paper's footnote 4 (the default), every
+    round shares all n_A new ranks among the modules that lost none, so the budget holds."""
+    out = tmp_path / "demo"
+    result = run_train(out, "--config", str(REPO / "configs" / "demo.yaml"), base=[])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rounds = read_rounds(out)
+    assert len(rounds) == 2
+    for record in rounds:
+        lost = {name for name, _ in record["pruned"]}
+        if any(r > 0 and n not in lost for n, r in record["ranks_before"].items()):
+            assert sum(record["ranks_after"].values()) == 56, record["round"]
+            assert sum(record["added"].values()) == len(record["pruned"]) == 7

@@ -50,3 +50,26 @@ def test_cpu_process_group_builds_nothing_and_leaves_no_shared_memory(tmp_path):
     assert "[1.5]" in done.stdout
     assert not (tmp_path / "ext").exists(), list((tmp_path / "ext").rglob("*"))
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def test_a_process_group_that_cannot_start_says_why_in_one_line():
+    """A GLOO_SOCKET_IFNAME naming no interface of this machine (one copied from a cluster's
+    instructions): one line naming the variable and its value, not the lost-contact line
+    (nothing was lost, there is nothing to resume). tests/launch/test_slurm.py drives the
+    same through launch/train.py on two nodes with no GLOO_SOCKET_IFNAME at all."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "nosuch0", "MASTER_PORT": str(free_port())}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(name, None)
+    script = (
+        "from alora_ds.errors import run_cli\n"
+        "from alora_ds.runtime import process as P\n"
+        "raise SystemExit(run_cli(lambda argv: P.init_distributed(30) and 0))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not start the process group of 1 process(es) "), last
+    assert "Unable to find address for: nosuch0" in last
+    assert "GLOO_SOCKET_IFNAME is 'nosuch0': it must name the network interface" in last
+    assert "Traceback" not in done.stderr

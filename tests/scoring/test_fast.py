@@ -1,4 +1,5 @@
-"""Fast AB-LoRA scoring equals the direct reference, on 1 and 2 processes."""
+"""Fast AB-LoRA scoring equals the direct reference, on 1 and 2 processes (and screened scoring on
+2 processes equals 1 process)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from alora_ds.scoring.fast import (
     naive_layer_passes,
     share_layout,
 )
+from alora_ds.scoring.screened import screened_scores
 from tests.helpers import DEEPSPEED, REPO, free_port, random_examples, randomise_adapters
 
 
@@ -112,9 +114,12 @@ def test_fast_equals_naive_under_zero3_on_two_processes(tmp_path):
     model, _ = scored_model(uneven=True)
     batches = make_batches(random_examples(10, seed=3), 4)
     reference = ab_lora_scores(model, batches)
+    screened = screened_scores(model, batches, 7, candidates=7)
     (tmp_path / "ref.json").write_text(json.dumps({
         "S_without": reference.S_without, "S_only": reference.S_only,
         "plan": plan_round(reference.importance, 7).to_json(),
+        "screened": {"importance": screened.importance, "exact": screened.exact,
+                     "plan": plan_round(screened.importance, 7).to_json()},
     }))  # fmt: skip
     result = subprocess.run(
         [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
@@ -125,6 +130,8 @@ def test_fast_equals_naive_under_zero3_on_two_processes(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rank 0: fast == naive" in result.stdout and "rank 1: fast == naive" in result.stdout
+    assert "rank 0: screened == 1 process" in result.stdout
+    assert "rank 1: screened == 1 process" in result.stdout
 
 
 @pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (0, 2), (1, 2)])

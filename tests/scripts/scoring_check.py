@@ -1,6 +1,9 @@
 """Run under `deepspeed --num_gpus N`: under ZeRO-3, fast scores equal naive scores (1e-5
-relative, fp32) and give the same allocation; they also equal the single-process reference."""
+relative, fp32) and give the same allocation; they also equal the single-process reference.
+Screened scores (every process the same estimates, the same exact set) give the single-process
+screened plan, and the processes agree."""
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -8,6 +11,7 @@ from pathlib import Path
 sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from alora_ds.core.allocation import plan_round
@@ -57,3 +61,18 @@ assert plan_round(naive.importance, 7) == plan_round(fast.importance, 7)
 assert plan_round(fast.importance, 7).to_json() == reference["plan"]
 assert len(gated_modules(model)) == 21
 print(f"rank {info.rank}: fast == naive, max rel err {worst:.2e}", flush=True)
+
+screened = engine.screened_scores(batches, 7, candidates=7)
+expected = reference["screened"]
+assert screened.exact == expected["exact"], "a different exact set than one process"
+for name, values in expected["importance"].items():
+    for got, want in zip(screened.importance[name], values, strict=True):
+        assert abs(got - want) <= 1e-5 * max(abs(want), 1e-3), (name, got, want)
+assert plan_round(screened.importance, 7).to_json() == expected["plan"]
+# Every process holds the same scores: their checksum is all-gathered and compared.
+text = json.dumps(screened.importance, sort_keys=True).encode()
+digest = torch.tensor([int.from_bytes(hashlib.sha256(text).digest()[:7], "little")])
+assert len({int(t) for t in P.all_gather_tensor(digest)}) == 1, "processes disagree"
+print(
+    f"rank {info.rank}: screened == 1 process, {screened.record['exact_ranks']} exact", flush=True
+)
