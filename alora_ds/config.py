@@ -110,6 +110,10 @@ class TrainConfig:
     screen_candidates: int = 0
     """screened: ranks with the lowest estimates scored exactly first (0: 4 x n_A); more are
     scored, automatically, until the cut is proven."""
+    screen_exact_means: bool = True
+    """screened: score exactly the modules whose mean importance decides where the remainder of
+    the new ranks goes (footnote 4); false leaves those means estimated (cheaper; the pruned
+    ranks stay exact)."""
     screen_verify: bool = False
     """screened: also score every rank exactly and record in the round file whether the plans
     agree (costs a full fast round; for measuring the estimator)."""
@@ -250,23 +254,7 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
         else:
             overrides.append((key, value))
 
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise InputError(f"config file {config_file} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(
-                f"config file {config_file} is not valid YAML ({exc.__class__.__name__})"
-            ) from exc
-        if not isinstance(loaded, dict):
-            raise InputError(f"config file {config_file}: expected a mapping of option: value")
-        for key, value in loaded.items():
-            if key not in types_by_name:
-                raise _unknown(key, config_file)
-            values[key] = _coerce(key, value, types_by_name[key], config_file)
+    values = read_config_file(config_file) if config_file is not None else {}
     for key, value in overrides:
         if key not in types_by_name:
             raise _unknown(key, "command line")
@@ -274,6 +262,29 @@ def parse_args(argv: Sequence[str]) -> TrainConfig:
     config = TrainConfig(**values)
     validate(config)
     return config
+
+
+def read_config_file(config_file: str) -> dict[str, Any]:
+    """The options of a YAML config file (a recipe), typed as TrainConfig's fields; a missing
+    file, bad YAML, an unknown key or a value of the wrong type is an InputError naming it."""
+    types_by_name = _field_types()
+    path = Path(config_file)
+    if not path.is_file():
+        raise InputError(f"config file {config_file} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(
+            f"config file {config_file} is not valid YAML ({exc.__class__.__name__})"
+        ) from exc
+    if not isinstance(loaded, dict):
+        raise InputError(f"config file {config_file}: expected a mapping of option: value")
+    values: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if key not in types_by_name:
+            raise _unknown(key, config_file)
+        values[key] = _coerce(key, value, types_by_name[key], config_file)
+    return values
 
 
 def validate(config: TrainConfig) -> None:

@@ -41,7 +41,6 @@ import json
 import os
 import random
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -64,7 +63,8 @@ from alora_ds.io.pretrained import resolve_model_alias  # noqa: E402
 from alora_ds.io.splits import build_split  # noqa: E402
 from alora_ds.io.tasks import load_task_rows  # noqa: E402
 from alora_ds.scoring.direct import validation_score  # noqa: E402
-from bench.planted import TrainerFailed, spread  # noqa: E402
+from bench.planted import TrainerFailed  # noqa: E402
+from bench.tables import real_table  # noqa: E402
 from eval import score  # noqa: E402
 
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
@@ -277,36 +277,6 @@ def run_method(args: argparse.Namespace, method: str, seed: int, paths: dict) ->
     return row
 
 
-# ---- the report -------------------------------------------------------------------------------
-
-
-def table(rows: Sequence[dict], methods: Sequence[str]) -> str:
-    """Medians over seeds with [min-max]; accuracy in %, one column per test set."""
-    sets = " | ".join(f"{key} acc" for key in TEST_SETS)
-    lines = [
-        f"| method | seeds | {sets} | dev loss (trainer) | dev loss (exported) | "
-        "adapter params start / peak / end | "
-        "peak MB | wall s | eval s |",
-        "| --- | ---: |" + " ---: |" * (len(TEST_SETS) + 6),
-    ]
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
-        if not mine:
-            continue
-        accuracy = " | ".join(spread([r["accuracy"][k] for r in mine], 1) for k in TEST_SETS)
-        params = " / ".join(
-            f"{statistics.median(r[f'adapter_params_{when}'] for r in mine):,.0f}"
-            for when in ("start", "peak", "end")
-        )
-        lines.append(
-            f"| {method} | {len(mine)} | {accuracy} | {spread([r['dev_loss'] for r in mine], 4)} "
-            f"| {spread([r['exported_dev_loss'] for r in mine], 4)} | {params} | {statistics.median(r['peak_mem_mb'] for r in mine):,.0f} | "
-            f"{statistics.median(r['wall_s'] for r in mine):.0f} | "
-            f"{statistics.median(r['eval_s'] for r in mine):.0f} |"
-        )
-    return "\n".join(lines)
-
-
 # ---- command line -----------------------------------------------------------------------------
 
 
@@ -391,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.json:  # written after every run, so a long benchmark keeps what it has
                 atomic_write_json(args.json, report(args, counts, rows))
     print()
-    print(table(rows, args.methods))
+    print(real_table(report(args, counts, rows)))
     for method, message in failed.items():
         print(f"not run: {method}: {message}")
     if args.json:

@@ -42,6 +42,7 @@ from alora_ds.errors import ArgumentParser, InputError, run_cli
 from alora_ds.io.files import check_output_location
 from alora_ds.io.models import DTYPES, empty_causal_lm
 from alora_ds.io.peft_read import check_adapter_fits, read_peft_adapter
+from alora_ds.io.pretrained import resolve_model_alias
 
 LOCAL_TASKS = Path(__file__).resolve().parent / "harness_tasks"
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -141,6 +142,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     for path in args.include_path:
         if not path.is_dir():
             raise InputError(f"--include_path {path} is not a directory")
+    args.model_name_or_path = resolve_model_alias(args.model_name_or_path)
     skeleton = empty_causal_lm(args.model_name_or_path, args.trust_remote_code)
     if args.adapter is not None:
         check_adapter_fits(read_peft_adapter(args.adapter), skeleton)
@@ -152,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m eval.harness",
         description="lm-evaluation-harness on a base model plus a PEFT LoRA adapter.",
     )
-    parser.add_argument("--model_name_or_path", required=True, help="base model directory")
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="base model directory (or the alias smollm2)"
+    )
     parser.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory (none: the base)")
     parser.add_argument(
         "--tasks", required=True, help="comma-separated harness task names, e.g. alora_sst2"

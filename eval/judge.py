@@ -738,7 +738,37 @@ def rouge_l_against_references(
             "n_scored": len(every),
             "per_category": {c: _mean(v) for c, v in sorted(scores.items())},
         }
+        if not every:
+            result[name]["rouge_l_null_because"] = _why_nothing_scored(
+                questions, answers, references, turns
+            )
     return result
+
+
+def _why_nothing_scored(
+    questions: Sequence[Question],
+    answers: Mapping[int, Answer],
+    references: Mapping[int, Answer],
+    turns: Sequence[int],
+) -> str:
+    """Why ROUGE-L had no (question, turn) pair to score: one line for the result file."""
+    asked = {q.question_id: q.category for q in questions}
+    answered = sorted(i for i in answers if i in asked)
+    covered = sorted(i for i in references if i in asked)
+    if not answered:
+        return "none of the answers is to one of the questions"
+    if not covered:
+        return "no reference answer is to one of the questions"
+    both = [i for i in answered if i in references]
+    if not both:
+        categories = sorted({asked[i] for i in covered})
+        return (
+            f"the references cover {len(covered)} questions ({', '.join(categories)}: ids "
+            f"{covered[0]}-{covered[-1]}) and none of them was answered (answered: ids "
+            f"{answered[0]}-{answered[-1]}); answer those questions, or pass --references "
+            "covering the ones answered"
+        )
+    return f"the answers and references share no turn among --turns {' '.join(map(str, turns))}"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -852,6 +882,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output is not None:
             atomic_write_json(args.output, result)
         print(json.dumps(result, indent=2))
+        for name, scored in result.items():
+            if "rouge_l_null_because" in scored:
+                print(
+                    f"note: {name}: rouge_l is null: {scored['rouge_l_null_because']}",
+                    file=sys.stderr,
+                )
         return 0
     client = JudgeClient(
         args.judge_model,

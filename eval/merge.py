@@ -30,6 +30,7 @@ from alora_ds.errors import ArgumentParser, InputError, run_cli
 from alora_ds.io.files import atomic_output_dir, check_output_location, check_replaceable
 from alora_ds.io.models import DTYPES, empty_causal_lm, parse_dtype
 from alora_ds.io.peft_read import PeftLoraAdapter, check_adapter_fits, read_peft_adapter
+from alora_ds.io.pretrained import resolve_model_alias
 
 # Files a tokenizer may consist of (LLaMA: tokenizer.model / tokenizer.json plus the configs).
 TOKENIZER_PATTERNS: tuple[str, ...] = (
@@ -160,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m eval.merge",
         description="Merge a PEFT LoRA adapter into its base model and save a full checkpoint.",
     )
-    parser.add_argument("--model_name_or_path", required=True, help="base model directory")
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="base model directory (or the alias smollm2)"
+    )
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
     parser.add_argument("--output_dir", required=True, help="merged checkpoint directory")
     parser.add_argument(
@@ -185,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = parse_dtype(args.dtype)
     max_shard_size = parse_size(args.max_shard_size)
     out_dir = Path(args.output_dir)
+    args.model_name_or_path = resolve_model_alias(args.model_name_or_path)
     base = Path(args.model_name_or_path)
     adapter_dir = Path(args.adapter)
     for label, path in (("base model", base), ("adapter", adapter_dir)):
@@ -209,8 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranks = sum(adapter.ranks.values())
     note = f"tokenizer files: {', '.join(tokenizer)}" if tokenizer else "no tokenizer files found"
     print(
-        f"merged {ranks} ranks in {len(adapter.lora_A)} modules into {args.model_name_or_path} "
-        f"({args.dtype}); {note}; wrote {out_dir}"
+        f"wrote the merged checkpoint to {out_dir.resolve()}: {args.model_name_or_path} with "
+        f"{adapter_dir} added to its weights ({ranks} ranks in {len(adapter.lora_A)} modules, "
+        f"{args.dtype}); {note}; the base model was not changed"
     )
     return 0
 

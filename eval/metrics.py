@@ -7,6 +7,8 @@
   gold answers; `f1_em` is their mean, the number the paper reports.
 - e2e: corpus BLEU (sacrebleu), ROUGE-L F-measure (rouge-score) and METEOR (nltk), each
   hypothesis scored against every reference of its meaning representation.
+- alpaca: ROUGE-L F-measure of each response against its row's `output`, a rough check only:
+  the paper judges instruction following on MT-Bench (eval.mt_bench, then eval.judge).
 
 All scores are in 0-100. HF `evaluate.load` is not used: its metric scripts live on the hub.
 
@@ -45,7 +47,8 @@ LABELS: dict[str, tuple[str, ...]] = {
 
 SPAN_TASKS: tuple[str, ...] = ("squad", "record")
 GENERATION_TASKS: tuple[str, ...] = ("e2e",)
-TASKS: tuple[str, ...] = (*LABELS, *SPAN_TASKS, *GENERATION_TASKS)
+INSTRUCTION_TASKS: tuple[str, ...] = ("alpaca",)
+TASKS: tuple[str, ...] = (*LABELS, *SPAN_TASKS, *GENERATION_TASKS, *INSTRUCTION_TASKS)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDNET_FIX = "run `bash scripts/install_wordnet.sh`"
@@ -262,6 +265,11 @@ def generation_scores(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def instruction_scores(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ROUGE-L F (0-100) of each response against its reference output (Alpaca)."""
+    return {"rouge_l": sum(rouge_l(r["prediction"], r["references"]) for r in rows) / len(rows)}
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -279,8 +287,10 @@ def compute_metrics(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         result.update(accuracy(task, rows))
     elif task in SPAN_TASKS:
         result.update(span_scores(rows))
-    else:
+    elif task in GENERATION_TASKS:
         result.update(generation_scores(rows))
+    else:
+        result.update(instruction_scores(rows))
     return result
 
 

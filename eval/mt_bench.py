@@ -40,6 +40,7 @@ from transformers import GenerationConfig
 from alora_ds.errors import ArgumentParser, InputError, run_cli
 from alora_ds.io.files import atomic_write_text, check_output_file, read_utf8
 from alora_ds.io.models import DTYPES, parse_dtype
+from alora_ds.io.pretrained import resolve_model_alias
 from alora_ds.io.tasks import TASKS, tokenize_prompt
 from eval.judge import Question, load_questions
 from eval.score import (
@@ -237,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="two-turn answers in FastChat's format")
-    generate.add_argument("--model_name_or_path", required=True, help="base model directory")
+    generate.add_argument(
+        "--model_name_or_path", required=True, help="base model directory (or the alias smollm2)"
+    )
     generate.add_argument("--adapter", help="PEFT LoRA adapter directory (default: the base)")
     generate.add_argument("--model_id", required=True, help="the system's name in the answers")
     generate.add_argument("--output", type=Path, required=True, help="answers JSONL (appended)")
@@ -300,6 +303,7 @@ def generate_answers(args: argparse.Namespace) -> int:
     done, repaired = read_answer_file(args.output, args.model_id)
     check_output_file(args.output, "--output")
     pending = [q for q in questions if q.question_id not in done]
+    args.model_name_or_path = resolve_model_alias(args.model_name_or_path)
     adapter = check_adapter_for_base(args.model_name_or_path, args.adapter, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     prompt_format = resolve_prompt_format(args.prompt_format, tokenizer)

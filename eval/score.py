@@ -54,6 +54,7 @@ from alora_ds.errors import EXIT_INPUT_ERROR, ArgumentParser, InputError, run_cl
 from alora_ds.io.files import atomic_write_json, atomic_write_text, check_output_location
 from alora_ds.io.models import DTYPES, parse_dtype, resolve_attn_implementation
 from alora_ds.io.peft_read import PeftLoraAdapter, read_peft_adapter
+from alora_ds.io.pretrained import resolve_model_alias
 from alora_ds.io.tasks import format_example, get_task, load_task_rows, references, tokenize_prompt
 from alora_ds.runtime.eval_group import (
     Processes,
@@ -63,8 +64,8 @@ from alora_ds.runtime.eval_group import (
     leave_process_group,
 )
 from eval.merge import base_skeleton, check_mergeable, first_line, load_base, merge_adapter
+from eval.metrics import INSTRUCTION_TASKS, LABELS, compute_metrics
 from eval.metrics import TASKS as SCORED_TASKS
-from eval.metrics import compute_metrics
 
 DECODINGS: tuple[str, ...] = ("beam", "greedy", "sample")
 DEFAULT_NUM_BEAMS = 5
@@ -389,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m eval.score",
         description="Generate a task's responses and score them with the paper's metrics.",
     )
-    parser.add_argument("--model_name_or_path", required=True, help="base model directory")
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="base model directory (or the alias smollm2)"
+    )
     parser.add_argument("--adapter", help="PEFT LoRA adapter directory (default: the base alone)")
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(SCORED_TASKS)}")
     parser.add_argument("--data", required=True, help="test file: .jsonl / .json / .csv / .parquet")
@@ -477,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"--output_dir {output_dir} is a file")
     check_output_location(output_dir, "--output_dir", inside=True)
     examples = read_examples(spec.name, args.data, args.max_examples)
+    args.model_name_or_path = resolve_model_alias(args.model_name_or_path)
     adapter = check_adapter_for_base(args.model_name_or_path, args.adapter, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
 
@@ -542,9 +546,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{spec.name}: {len(rows)} examples ({len(encoded)} distinct prompts) on "
         f"{procs.world_size} process(es) in {seconds:.1f}s; "
-        f"{', '.join(f'{k} {v:.2f}' for k, v in headline.items())}; wrote {output_dir}"
+        f"{', '.join(f'{k} {v:.2f}' for k, v in headline.items())}; wrote "
+        f"{output_dir / PREDICTIONS_NAME} and {METRICS_NAME}"
     )
+    for line in result_notes(spec.name, metrics):
+        print(line)
     return 0
+
+
+def result_notes(task: str, metrics: dict[str, Any]) -> list[str]:
+    """What the numbers alone do not say: predictions that named no label (counted wrong, so an
+    accuracy of 0 may be a decoding problem, not a model that is always wrong), and how to judge
+    instruction following."""
+    notes = []
+    unparseable = metrics.get("unparseable", 0)
+    if task in LABELS and unparseable:
+        share = "all" if unparseable == metrics["n"] else f"{unparseable} of"
+        notes.append(
+            f"note: {share} {metrics['n']} predictions were none of the labels "
+            f"({', '.join(LABELS[task])}) and count as wrong; read them in {PREDICTIONS_NAME} "
+            "(a model that was not trained on the task, or --max_new_tokens too small)"
+        )
+    if task in INSTRUCTION_TASKS:
+        notes.append(
+            "note: rouge_l is each response's overlap with its row's output, a rough check only; "
+            "judge instruction following on MT-Bench as the paper does: python -m eval.mt_bench "
+            "generate (the same --model_name_or_path and --adapter), then python -m eval.judge "
+            "pairwise or single (a GPT-4-class judge), or python -m eval.judge rouge (ROUGE-L "
+            "against the GPT-4 reference answers, no API)"
+        )
+    return notes
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,15 @@
 """How much GPU memory an ALoRA run needs per process, before you ask the cluster for it.
 
+    python -m launch.estimate --config configs/llama2-7b-alora.yaml --ds_config zero3_bf16.json \\
+        --nodes 1 --gpus_per_node 8 [--max_seq_length N ...] [--json estimate.json]
     python -m launch.estimate --model_name_or_path meta-llama/Llama-2-7b-hf --nodes 1 \\
         --gpus_per_node 8 --zero_stage 3 --rank_budget 1792 --seq_len 2048 --micro_batch 2 \\
         [--offload] [--dtype bf16] [--json estimate.json]
+
+A recipe (--config) and a ds config are read as training reads them: the recipe gives the model,
+budget, targets, sequence length, micro batch, scoring chunk and gradient checkpointing, the ds
+config the ZeRO stage, dtype, offload and reduce bucket; the command line overrides both, under
+the training option names or the estimator's own (--seq_len, --micro_batch, --scoring_rows).
 
 Per process (one per GPU), in GB (10^9 bytes):
 
@@ -26,8 +33,9 @@ Per process (one per GPU), in GB (10^9 bytes):
   candidates (the full LM head: an upper bound, since the fast scorer runs the head only at
   supervised positions).
 
-The peak per GPU is the resident states plus the gathered weights plus the larger of a training
-step's activations and a scoring round's buffers.
+The peak per GPU is the larger of a training step's and a scoring round's: the resident states
+plus the gathered weights plus either the step's activations or the round's buffers. Given the
+run's --gradient_checkpointing, the table says which one sets the peak.
 
 Every count comes from the model's config on the meta device (exact parameter numbers, the
 adapted modules' shapes); nothing is loaded. tests/test_estimate.py checks the activation and
@@ -50,10 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
+from alora_ds.config import load_ds_config, read_config_file, resolve_ds_config
 from alora_ds.core.inject import LLAMA_TARGET_MODULES, find_target_modules, initial_rank
-from alora_ds.errors import InputError, run_cli
+from alora_ds.errors import ArgumentParser, InputError, run_cli
+from alora_ds.io.hub import check_hub_reachable
 from alora_ds.io.models import read_model_config
-from alora_ds.runtime.zero import deepspeed_model_states_estimate
+from alora_ds.io.pretrained import resolve_model_alias
+from alora_ds.runtime.zero import deepspeed_model_states_estimate, model_dtype, zero_stage
 
 GB = 1e9
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -157,6 +168,7 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
         return read_model_config(path)
     if name_or_path.startswith((".", "/")) or path.suffix:
         raise InputError(f"model config {name_or_path} does not exist")
+    check_hub_reachable(name_or_path)
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
@@ -338,7 +350,9 @@ def estimate(
     )
 
 
-def format_table(e: Estimate, title: str) -> str:
+def format_table(e: Estimate, title: str, checkpointing: bool | None = None) -> str:
+    """The table the command prints; `checkpointing` (the run's --gradient_checkpointing, when
+    known) picks which peak is the run's."""
     rows = [
         ("frozen weights", e.frozen_weights),
         ("gathered weights (ZeRO-3 working set)", e.gathered_weights),
@@ -349,6 +363,9 @@ def format_table(e: Estimate, title: str) -> str:
         ("activations", e.activations),
         ("activations, gradient checkpointing", e.activations_checkpointed),
         ("AB-LoRA scoring buffers", e.scoring_buffers),
+        ("peak per GPU, a training step", e.training_peak),
+        ("peak per GPU, a training step, checkpointing", e.training_peak_checkpointed),
+        ("peak per GPU, a scoring round", e.scoring_peak),
         ("peak per GPU", e.peak),
         ("peak per GPU, gradient checkpointing", e.peak_checkpointed),
     ]
@@ -358,55 +375,149 @@ def format_table(e: Estimate, title: str) -> str:
     lines = [title, f"{'':{width}}  {'GB':>9}"]
     lines += [f"{name:{width}}  {value / GB:9.3f}" for name, value in rows]
     lines.append(
+        "The peak per GPU is the larger of a training step's and a scoring round's: both hold the "
+        "resident states and the gathered weights, the step its activations, the round its "
+        "prefix cache and one block of candidates."
+    )
+    if checkpointing is not None:
+        training = e.training_peak_checkpointed if checkpointing else e.training_peak
+        peak = e.peak_checkpointed if checkpointing else e.peak
+        larger = "a training step" if training >= e.scoring_peak else "a scoring round"
+        lines.append(
+            f"This run (gradient checkpointing {'on' if checkpointing else 'off'}): "
+            f"{peak / GB:.1f} GB per GPU, set by {larger} (training step {training / GB:.1f}, "
+            f"scoring round {e.scoring_peak / GB:.1f})."
+        )
+    lines.append(
         f"(cross-check: DeepSpeed's estimator puts the adapters' model states at "
         f"{e.deepspeed_trainable_states / GB:.3f} GB per GPU)"
     )
     return "\n".join(lines)
 
 
+# The estimator's own option names, the training option (a recipe's key) that means the same,
+# and the default when neither is given.
+SHARED_OPTIONS: dict[str, tuple[str, object]] = {
+    "seq_len": ("max_seq_length", 2048),
+    "micro_batch": ("per_device_train_batch_size", 1),
+    "scoring_rows": ("scoring_batch_size", 8),
+}
+# What the ds config decides, and the default without one.
+ENGINE_DEFAULTS: dict[str, object] = {
+    "zero_stage": 3,
+    "dtype": "bf16",
+    "offload": False,
+    "reduce_bucket_size": float(REDUCE_BUCKET),
+}
+
+
+def _bool(text: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"not a bool: {text!r}")
+    return words[text.lower()]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.estimate", description=__doc__.split("\n\n")[0]
+    parser = ArgumentParser(prog="python -m launch.estimate", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config",
+        help="a training recipe (configs/*.yaml): its model, budget, sequence length, micro "
+        "batch, scoring chunk and gradient checkpointing; the options below override it",
     )
     parser.add_argument(
         "--model_name_or_path",
-        required=True,
-        help="config.json, a model directory, or a LLaMA-2 hub id ("
+        help="config.json, a model directory, the alias smollm2, or a LLaMA-2 hub id ("
         + ", ".join(KNOWN_CONFIGS)
         + ")",
     )
+    parser.add_argument(
+        "--ds_config",
+        help="the run's ds config (ds_configs/*.json): ZeRO stage, dtype, offload, reduce bucket",
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus_per_node", type=int, default=8)
-    parser.add_argument("--zero_stage", type=int, default=3, choices=(0, 1, 2, 3))
+    parser.add_argument(
+        "--zero_stage", type=int, choices=(0, 1, 2, 3), help="default: the ds config's, or 3"
+    )
     parser.add_argument(
         "--rank_budget", type=int, default=None, help="total LoRA ranks; default 8 per module"
     )
     parser.add_argument(
-        "--target_modules",
-        default=",".join(LLAMA_TARGET_MODULES),
-        help="comma-separated module names or regular expressions",
-    )
-    parser.add_argument("--seq_len", type=int, default=2048, help="tokens per example")
-    parser.add_argument("--micro_batch", type=int, default=1, help="examples per GPU per forward")
-    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES))
+        "--target_modules", help="comma-separated module names or regular expressions "
+        f"(default: {','.join(LLAMA_TARGET_MODULES)})"
+    )  # fmt: skip
+    for name, (training, default) in SHARED_OPTIONS.items():
+        what = {"seq_len": "tokens per example", "micro_batch": "examples per GPU per forward",
+                "scoring_rows": "validation rows per scoring chunk"}[name]  # fmt: skip
+        parser.add_argument(
+            f"--{name}", f"--{training}", dest=name, type=int, help=f"{what} (default {default})"
+        )
     parser.add_argument(
-        "--offload", action="store_true", help="ZeRO-3 with parameters and optimizer on the CPU"
-    )
+        "--gradient_checkpointing", nargs="?", const=True, type=_bool,
+        help="whether the run recomputes activations (picks which peak is the run's)",
+    )  # fmt: skip
+    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), help="default: the ds config's")
     parser.add_argument(
-        "--scoring_rows", type=int, default=8, help="validation rows per scoring chunk"
-    )
+        "--offload", action="store_true", default=None,
+        help="ZeRO-3 with parameters and optimizer on the CPU (default: the ds config's)",
+    )  # fmt: skip
     parser.add_argument(
         "--reduce_bucket_size",
         type=float,
-        default=REDUCE_BUCKET,
-        help="the ds config's zero_optimization.reduce_bucket_size (DeepSpeed's default 5e8)",
+        help="zero_optimization.reduce_bucket_size (default: the ds config's, or DeepSpeed's 5e8)",
     )
     parser.add_argument("--json", default=None, help="also write the numbers (bytes) here")
     return parser
 
 
+def engine_settings(path: str) -> dict[str, object]:
+    """zero_stage, dtype, offload and reduce_bucket_size as a ds config sets them."""
+    ds = load_ds_config(resolve_ds_config(path))
+    zero = ds.get("zero_optimization", {})
+    offloaded = [
+        part for part in ("offload_param", "offload_optimizer")
+        if (zero.get(part) or {}).get("device") in ("cpu", "nvme")
+    ]  # fmt: skip
+    if len(offloaded) == 1:
+        raise InputError(
+            f"ds config {path}: only {offloaded[0]} is offloaded; the estimate models ZeRO-Offload "
+            "of both the parameters and the optimizer"
+        )
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model_dtype(ds), "fp32")
+    bucket = zero.get("reduce_bucket_size", REDUCE_BUCKET)
+    return {
+        "zero_stage": zero_stage(ds),
+        "dtype": dtype,
+        "offload": bool(offloaded),
+        "reduce_bucket_size": float(bucket if isinstance(bucket, (int, float)) else REDUCE_BUCKET),
+    }
+
+
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every option left unset: from the ds config (the engine's), then the recipe (the
+    training options), then the defaults. The command line wins over both."""
+    recipe = read_config_file(args.config) if args.config else {}
+    for name in ("model_name_or_path", "rank_budget", "gradient_checkpointing", "ds_config"):
+        if getattr(args, name) is None:
+            setattr(args, name, recipe.get(name))
+    if args.target_modules is None:
+        args.target_modules = ",".join(recipe.get("target_modules", LLAMA_TARGET_MODULES))
+    for name, (training, default) in SHARED_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, recipe.get(training, default))
+    engine = engine_settings(args.ds_config) if args.ds_config else ENGINE_DEFAULTS
+    for name, value in engine.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.model_name_or_path is None:
+        raise InputError("give --model_name_or_path, or a --config recipe that names the model")
+    args.model_name_or_path = resolve_model_alias(args.model_name_or_path)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = resolve_options(build_parser().parse_args(argv))
     for name in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "scoring_rows"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -434,9 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{shape.adapter_params / 1e6:.1f}M adapter params; {args.nodes} node(s) x "
         f"{args.gpus_per_node} GPUs = {world}, ZeRO-{args.zero_stage}"
         f"{' + offload' if args.offload else ''}, {args.dtype}, micro batch {args.micro_batch} x "
-        f"{args.seq_len} tokens"
+        f"{args.seq_len} tokens, scoring chunks of {args.scoring_rows} rows"
     )
-    print(format_table(result, title))
+    print(format_table(result, title, args.gradient_checkpointing))
     if args.json:
         payload = {"arguments": vars(args), "shape": asdict(shape), "bytes": asdict(result)}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

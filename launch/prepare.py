@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from alora_ds.config import (
     resolve_ds_config,
     to_json,
 )
-from alora_ds.core.allocation import parameter_count
+from alora_ds.core.allocation import parameter_count, resolve_prune_count
 from alora_ds.core.inject import (
     count_parameters,
     find_target_modules,
@@ -30,8 +31,8 @@ from alora_ds.core.inject import (
 from alora_ds.core.schedule import Schedule, make_schedule
 from alora_ds.errors import InputError
 from alora_ds.io.checkpoint import find_checkpoint
-from alora_ds.io.examples import shard_batches
-from alora_ds.io.files import atomic_write_json
+from alora_ds.io.examples import collate, shard_batches
+from alora_ds.io.files import atomic_write_json, open_permissions_under
 from alora_ds.io.models import (
     TINY_LLAMA_CONFIG,
     check_load_in_4bit,
@@ -45,14 +46,23 @@ from alora_ds.io.pretrained import resolve_model_alias
 from alora_ds.io.run_dir import RUN_MARKER, check_output_dir, check_resume_config, holds_run
 from alora_ds.io.splits import SplitStats, build_split, check_task
 from alora_ds.methods import Method, MethodSettings, build_method
-from alora_ds.report.tracking import check_report_to, print_line, quiet_library_noise
+from alora_ds.report.tracking import (
+    LOG_FILE,
+    check_report_to,
+    log_to_file,
+    print_line,
+    quiet_library_noise,
+)
 from alora_ds.runtime import process as P
 from alora_ds.runtime import zero
 from alora_ds.runtime.cpu import keep_freed_memory
 from alora_ds.runtime.engine import Engine
 from alora_ds.runtime.slurm import slurm_environment
 from alora_ds.runtime.zero import zero_stage
+from alora_ds.scoring.cost import ModuleSite, RoundCost, describe, round_cost, site_of
+from alora_ds.scoring.fast import LlamaStack, max_rows_for_length
 from launch.faults import Faults
+from launch.state import ScoringForecast
 
 
 @dataclass
@@ -78,6 +88,9 @@ class Setup:
     start_budget: int
     r_init: int
     val_examples: int  # |B_val| as resolved (at most the dev split)
+    round_cost: RoundCost | None = None  # one AB-LoRA round's work (methods that score so)
+    naive_cost: RoundCost | None = None  # the same round scored the naive way, for comparison
+    notes: tuple[str, ...] = ()  # more lines for the banner (where an alias's checkpoint is)
 
     @property
     def pad_id(self) -> int:
@@ -105,7 +118,9 @@ class Setup:
             f"{self.schedule.total_steps} steps, warm-up {self.schedule.warmup_steps}, rounds "
             f"after steps {list(self.schedule.round_after)}"
         )
-        return lines
+        if self.round_cost is not None and self.schedule.round_after:
+            lines.append(describe(self.round_cost, self.naive_cost))
+        return [*self.notes, *lines]
 
     def outputs_line(self, *, base_model: bool) -> str:
         cfg = self.cfg
@@ -116,7 +131,8 @@ class Setup:
                 if self.method.fits_budget_while_training
                 else ""
             )
-            + "allocation/, metrics.jsonl, config.json, summary.json, ranks.png, checkpoints/"
+            + "allocation/, train.log, metrics.jsonl, loss.png, config.json, summary.json, "
+            "ranks.png, checkpoints/"
             + (", tensorboard/" if "tensorboard" in cfg.report_to else "")
             + (", base_model/" if base_model else "")
         )
@@ -126,6 +142,7 @@ def prepare(cfg: TrainConfig) -> Setup:
     """Check every input before anything is started or written."""
     # Aliases of models we can build offline ("smollm2"): converted once, then a local path,
     # which config.json records; so is the file a bare --ds_config name (zero3.json) resolves to.
+    given = cfg
     cfg = dataclasses.replace(
         cfg,
         model_name_or_path=resolve_model_alias(cfg.model_name_or_path),
@@ -148,6 +165,7 @@ def prepare(cfg: TrainConfig) -> Setup:
     os.environ.update(slurm_environment(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = resolve_batch_sizes(load_ds_config(cfg.ds_config), cfg, world_size, cfg.ds_config)
+    zero.check_dtype_supported(ds_config, cfg.ds_config)
     check_task(cfg.task)
     check_report_to(cfg.report_to)
     if cfg.load_in_4bit:
@@ -190,20 +208,91 @@ def prepare(cfg: TrainConfig) -> Setup:
         if cfg.model_name_or_path
         else empty_from_config(cfg.model_config or TINY_LLAMA_CONFIG)
     )
-    num_modules = len(find_target_modules(skeleton, cfg.target_modules))
+    module_names = find_target_modules(skeleton, cfg.target_modules)
+    num_modules = len(module_names)
     rank_budget = cfg.rank_budget or 8 * num_modules
     start_budget = method.start_budget(rank_budget)
     r_init = initial_rank(start_budget, num_modules)
+    check_start_rank(skeleton, module_names, r_init, rank_budget, start_budget)
     vocab = skeleton.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise InputError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}"
         )
+    val_examples = min(cfg.val_examples, len(dev_examples))
+    costs = (
+        scoring_costs(cfg, skeleton, module_names, r_init, dev_examples, val_examples, world_size)
+        if method.scores_by_ablation
+        else (None, None)
+    )
+    notes = tuple(
+        f"model {name!r}: the converted checkpoint in {resolved} (converted once; "
+        f"ALORA_DS_CACHE moves it)"
+        for name, resolved in {
+            given.model_name_or_path: cfg.model_name_or_path,
+            given.tokenizer_name_or_path: cfg.tokenizer_name_or_path,
+        }.items()
+        if name is not None and name != resolved
+    )
     return Setup(
         cfg, output_dir, resume_path, restart, world_size, ds_config, tokenizer, train_examples,
         dev_examples, (train_stats, dev_stats), global_batch, method, pools, pool_steps,
-        schedule, rank_budget, start_budget, r_init, min(cfg.val_examples, len(dev_examples)),
+        schedule, rank_budget, start_budget, r_init, val_examples, *costs, notes=notes,
     )  # fmt: skip
+
+
+def check_start_rank(
+    skeleton: torch.nn.Module, names: list[str], r_init: int, rank_budget: int, start_budget: int
+) -> None:
+    """Refuse a starting rank above min(d_in, d_out) of an adapted module: B A of such a module
+    has rank min(d_in, d_out) at most, so the extra ranks only cost parameters and scoring."""
+    sides = {}
+    for name in names:
+        module = skeleton.get_submodule(name)  # sizes from in/out_features: weights are on meta
+        sides[name] = (module.in_features, module.out_features)
+    name = min(names, key=lambda n: min(sides[n]))
+    smallest = min(sides[name])
+    if r_init <= smallest:
+        return
+    factor = start_budget // rank_budget
+    starts = f" (the method starts at {factor} x the budget)" if factor > 1 else ""
+    raise InputError(
+        f"--rank_budget {rank_budget} starts every one of the {len(names)} adapted modules at "
+        f"r_init = {r_init}{starts}, above what {name} can use ({sides[name][0]} -> "
+        f"{sides[name][1]}: at most min(d_in, d_out) = {smallest} ranks); the most this model "
+        f"takes is --rank_budget {smallest // factor * len(names)}"
+    )
+
+
+def scoring_costs(
+    cfg: TrainConfig,
+    skeleton: torch.nn.Module,
+    names: list[str],
+    r_init: int,
+    dev_examples: list[dict],
+    val_examples: int,
+    world_size: int,
+) -> tuple[RoundCost | None, RoundCost | None]:
+    """The first round's work with --scoring and with the naive scorer (per process), counted
+    on the meta-device skeleton; None when the scorer cannot run it the fast way (not a
+    LLaMA-style model: the engine then scores naively)."""
+    if not LlamaStack.supports(skeleton):
+        return None, None
+    decoder_layers = {id(layer) for layer in skeleton.model.layers}
+    prefixes = [n for n, m in skeleton.named_modules() if id(m) in decoder_layers]
+    layers = {prefix: index for index, prefix in enumerate(prefixes)}
+    sites = [ModuleSite(*site_of(name, layers), r_init) for name in names]
+    chunk = cfg.scoring_batch_size
+    chunk_rows = [min(chunk, val_examples - i) for i in range(0, val_examples, chunk)]
+    longest = max(len(e["input_ids"]) for e in dev_examples)
+    live = r_init * len(names)
+    n_prune = resolve_prune_count(cfg.prune_per_round, live)
+    settings = dict(
+        num_layers=len(layers), chunk_rows=chunk_rows, world_size=world_size,
+        max_rows=cfg.scoring_max_rows or max_rows_for_length(longest),
+        exact_ranks=max(cfg.screen_candidates or 4 * n_prune, n_prune, 1),
+    )  # fmt: skip
+    return round_cost(cfg.scoring, sites, **settings), round_cost("naive", sites, **settings)
 
 
 def method_settings(cfg: TrainConfig) -> MethodSettings:
@@ -218,6 +307,7 @@ def method_settings(cfg: TrainConfig) -> MethodSettings:
         scoring_max_rows=cfg.scoring_max_rows,
         screen_candidates=cfg.screen_candidates,
         screen_verify=cfg.screen_verify,
+        screen_exact_means=cfg.screen_exact_means,
     )
 
 
@@ -259,6 +349,7 @@ class Run:
     random_init: bool  # the base was built at random and saved in output_dir/base_model
     faults: Faults
     show_bars: bool
+    forecast: ScoringForecast  # says once, after the first steps, what a scoring round will take
 
     @property
     def cfg(self) -> TrainConfig:
@@ -278,12 +369,14 @@ def start(setup: Setup) -> Run:
         )
     torch.manual_seed(cfg.seed)
     dtype = zero.model_dtype(setup.ds_config)
-    for line in setup.banner(info.world_size, info.backend, dtype):
-        log(info, line)
     if info.is_main and setup.resume_path is None:
         if setup.output_dir.exists() and (cfg.overwrite_output_dir or setup.restart):
             shutil.rmtree(setup.output_dir)
         write_run_config(setup, info.world_size, dtype)
+    if info.is_main:  # every log line from here on also goes to the run's own log file
+        log_to_file(setup.output_dir / LOG_FILE)
+    for line in setup.banner(info.world_size, info.backend, dtype):
+        log(info, line)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     log(info, f"attention: {attn}; gradient checkpointing: {cfg.gradient_checkpointing}")
     model, random_init = load_base_model(
@@ -300,6 +393,7 @@ def start(setup: Setup) -> Run:
             if info.is_main:
                 model.save_pretrained(base_dir, state_dict=state_dict)
                 setup.tokenizer.save_pretrained(base_dir)
+                open_permissions_under(base_dir)  # safetensors writes 0600 whatever the umask
             del state_dict
         base_name = str(base_dir.resolve())
     if cfg.gradient_checkpointing:
@@ -328,8 +422,23 @@ def start(setup: Setup) -> Run:
     )  # fmt: skip
     initial_ranks = engine.rank_map()
     param_budget = parameter_count(initial_ranks, rank_costs) if cfg.cap_parameters else None
+    forecast = ScoringForecast(
+        setup.round_cost, lambda rows: timed_dev_forward(setup, engine, rows)
+    )
     return Run(setup, info, engine, dev_batches, rank_costs, initial_ranks, param_budget,
-               base_name, random_init, faults, show_bars=info.is_main and cfg.progress_bar)  # fmt: skip
+               base_name, random_init, faults, show_bars=info.is_main and cfg.progress_bar,
+               forecast=forecast)  # fmt: skip
+
+
+def timed_dev_forward(setup: Setup, engine: Engine, rows: int) -> float:
+    """Seconds of one no_grad forward of `rows` dev examples (repeated when the split holds fewer),
+    as the scorers run them; collective under ZeRO-3, like every forward."""
+    dev = setup.dev_examples
+    examples = [dev[i % len(dev)] for i in range(rows)]
+    batch = {k: v.to(engine.info.device) for k, v in collate(examples, setup.pad_id).items()}
+    started = time.perf_counter()
+    engine.dev_loss([batch])
+    return time.perf_counter() - started
 
 
 def log(info: P.DistInfo, message: str) -> None:

@@ -5,7 +5,7 @@ that carry it across launches: written at round boundaries and every --save_step
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +23,11 @@ from alora_ds.io.peft_portable import portable_dir, write_portable_adapter
 from alora_ds.io.peft_write import lora_config, write_peft_adapter
 from alora_ds.io.run_dir import rewind
 from alora_ds.methods import Method
+from alora_ds.report.summary import plot_loss_curves, plot_rank_heatmap, rank_scale
+from alora_ds.report.tracking import read_metrics
 from alora_ds.runtime import process as P
 from alora_ds.runtime.engine import Engine
+from alora_ds.scoring.cost import RoundCost, seconds
 from launch.faults import Faults
 
 
@@ -57,6 +60,53 @@ class LoopState:
         }  # fmt: skip
 
 
+@dataclass
+class ScoringForecast:
+    """Says once, after the first training steps of a launch, how long an AB-LoRA scoring round
+    will take: the round's counted calls (Setup.round_cost) timed by two forwards of dev rows,
+    a chunk's and a large block's (a forward's time is then per call + per row: on small models
+    the per-call part dominates, on large ones the per-row part), and set against the time of a
+    training step. The launch's first step is left out of the timing (ZeRO and the allocator
+    warm up in it)."""
+
+    cost: RoundCost | None
+    forward_s: Callable[[int], float]  # seconds of one no_grad forward of n dev rows (collective)
+    timed_steps: int = 3
+    _start: tuple[int, float] | None = None  # (step, time) after the launch's first step
+    _said: bool = False
+
+    def after_step(self, step: int, rounds_ahead: Sequence[int]) -> list[str]:
+        """Call after every optimizer step, on every process (the forwards are collective), with
+        the steps the remaining rounds come after; returns the line to log, once."""
+        if self.cost is None or self._said or not rounds_ahead:
+            return []
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = (step, now)
+            return []
+        first, started = self._start
+        timed = step - first
+        if timed < self.timed_steps and step != rounds_ahead[0]:
+            return []
+        self._said = True
+        step_s = (now - started) / timed
+        small = min(p.rows for p in self.cost.passes)
+        large = max(2 * small, max(p.rows for p in self.cost.passes))
+        # Each twice, the faster kept: a first forward of a new shape pays for its memory.
+        small_s, large_s = (
+            min(self.forward_s(round(rows)) for _ in range(2)) for rows in (small, large)
+        )
+        per_row = max(large_s - small_s, 0.0) / (round(large) - round(small))
+        per_call = max(small_s - per_row * round(small), 0.0)
+        round_s = seconds(self.cost, per_call, per_row)
+        return [
+            f"scoring estimate: a round takes about {round_s:.1f} s, the time of "
+            f"{round_s / step_s:.1f} training steps (steps {first + 1}-{step}: {step_s:.2f} s "
+            f"each; a forward of {round(small)} dev rows {small_s:.2f} s, of {round(large)} "
+            f"{large_s:.2f} s)"
+        ]
+
+
 def log_record(
     state: LoopState, sink, info: P.DistInfo, schedule, lr: float, loss, extra: dict
 ) -> str:
@@ -78,6 +128,31 @@ def log_record(
     sink.log(record, step=state.step)
     return " ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+    )
+
+
+def draw_plots(
+    output_dir: Path,
+    initial_ranks: dict[str, int],
+    history: Sequence[dict],
+    round_steps: Sequence[int],
+    final: dict[str, int] | None = None,
+) -> None:
+    """loss.png (training and dev loss, the rounds marked) and the rank heatmaps, every one on
+    the same colour scale: after a round its own heatmap (on the scale of the maps so far); at
+    the end (`final` given) every round's again and ranks.png, on the scale of all of them.
+    Main process only."""
+    maps = [initial_ranks, *(entry["ranks_after"] for entry in history)]
+    scale = rank_scale(*maps, *([final] if final is not None else []))
+    for entry in history if final is not None else history[-1:]:
+        plot_rank_heatmap(
+            entry["ranks_after"], output_dir / "allocation" / f"ranks_round_{entry['round']:02d}.png",
+            title=f"LoRA ranks after round {entry['round']}", vmax=scale,
+        )  # fmt: skip
+    if final is not None:
+        plot_rank_heatmap(final, output_dir / "ranks.png", vmax=scale)
+    plot_loss_curves(
+        read_metrics(output_dir), output_dir / "loss.png", round_steps=round_steps[: len(history)]
     )
 
 

@@ -24,6 +24,11 @@ from pathlib import Path
 # Runnable as `python launch/train.py` and `deepspeed launch/train.py` from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from alora_ds.config_help import answer_early
+
+if __name__ == "__main__":  # --help, and options that do not parse, before torch is imported
+    answer_early(sys.argv[1:])
+
 import torch
 
 from alora_ds.config import parse_args, to_json
@@ -40,7 +45,7 @@ from alora_ds.errors import RunFailure, run_cli
 from alora_ds.io.examples import collate
 from alora_ds.io.files import atomic_write_json
 from alora_ds.methods.base import RoundInputs
-from alora_ds.report.summary import final_rank_lines, plot_rank_heatmap, summarize_run
+from alora_ds.report.summary import final_rank_lines, summarize_run
 from alora_ds.report.tracking import (
     MetricsSink,
     ScoringProgress,
@@ -50,6 +55,7 @@ from alora_ds.runtime import process as P
 from launch.prepare import Run, log, prepare, start
 from launch.state import (
     LoopState,
+    draw_plots,
     export_adapter,
     last_checkpoint,
     log_record,
@@ -148,6 +154,8 @@ def after_step(run: Run, state: LoopState, loss: torch.Tensor, stepped: bool, si
     setup, cfg, schedule, done = run.setup, run.cfg, run.setup.schedule, state.step
     record: dict = {}
     rounds = schedule.round_after
+    for line in run.forecast.after_step(done, rounds[state.round_index :]):
+        log(run.info, line)
     if (
         setup.method.allocates
         and state.round_index < len(rounds)
@@ -217,10 +225,10 @@ def allocation_round(run: Run, state: LoopState) -> dict:
             "S_M": scores.s_m, "pruned": [list(p) for p in plan.pruned], "added": plan.added,
             "ranks_after": plan.ranks_after, **scores.extra,
         })  # fmt: skip
-        plot_rank_heatmap(plan.ranks_after, allocation / f"ranks_round_{index:02d}.png",
-                          title=f"LoRA ranks after round {index}")  # fmt: skip
     state.history.append({"round": index, "S_M": scores.s_m, "scores": scores.importance,
                           "ranks_after": plan.ranks_after})  # fmt: skip
+    if run.info.is_main:
+        draw_plots(setup.output_dir, run.initial_ranks, state.history, setup.schedule.round_after)
     round_s = time.perf_counter() - started
     state.window_start += round_s  # tokens per second counts training time only
     types = dict(Counter(name.rsplit(".", 1)[-1] for name, _ in plan.pruned))
@@ -269,7 +277,8 @@ def finish(run: Run, state: LoopState) -> None:
     peaks = P.peak_memory_bytes(info)
     tokens_total = P.all_reduce_sum([state.tokens], info.device)[0]
     if info.is_main:
-        plot_rank_heatmap(final, setup.output_dir / "ranks.png")
+        draw_plots(setup.output_dir, run.initial_ranks, state.history, setup.schedule.round_after,
+                   final)  # fmt: skip
         summary = summarize_run(
             initial_ranks=run.initial_ranks, final_ranks=final, params_per_rank=run.rank_costs,
             peak_memory_bytes=peaks, wall_time_s=wall_s, tokens=int(tokens_total),

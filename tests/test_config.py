@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from alora_ds.config import load_ds_config, parse_args, resolve_batch_sizes, resolve_ds_config
+from alora_ds.errors import InputError
 from tests.helpers import REPO
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -27,16 +28,93 @@ def test_there_is_something_to_check():
     assert {"zero3.json", "zero3_offload.json"} <= {p.name for p in DS_CONFIGS}
 
 
+# The batch each recipe is sized for (its header's layout), computed by hand: micro batch x
+# accumulation x processes.
+RECIPE_BATCHES = {
+    "demo.yaml": (2, {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                      "train_batch_size": 8}),  # 4 x 1 x 2
+    "llama2-7b-alora.yaml": (8, {"train_micro_batch_size_per_gpu": 2,
+                                 "gradient_accumulation_steps": 8,
+                                 "train_batch_size": 128}),  # 2 x 8 x 8
+    "llama2-13b-alora.yaml": (16, {"train_micro_batch_size_per_gpu": 2,
+                                   "gradient_accumulation_steps": 4,
+                                   "train_batch_size": 128}),  # 2 x 4 x 16
+    "llama2-70b-alora.yaml": (8, {"train_micro_batch_size_per_gpu": 1,
+                                  "gradient_accumulation_steps": 16,
+                                  "train_batch_size": 128}),  # 1 x 16 x 8
+}  # fmt: skip
+BATCH_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def test_every_recipe_is_sized():
+    assert {p.name for p in RECIPES} == set(RECIPE_BATCHES)
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-@pytest.mark.parametrize("ds_path", DS_CONFIGS, ids=lambda p: p.name)
-def test_recipe_resolves_with_every_ds_config(recipe, ds_path):
-    cfg = parse_args(
-        ["--config", str(recipe), "--output_dir", "unused", "--ds_config", str(ds_path)]
-    )
-    for world_size in (1, 8, 16):
-        resolved = resolve_batch_sizes(load_ds_config(str(ds_path)), cfg, world_size, str(ds_path))
-        micro, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-        assert resolved["train_batch_size"] == micro * accumulation * world_size
+def test_shipped_ds_configs_take_the_batch_from_the_recipe(recipe):
+    """Every shipped ds config leaves its batch fields "auto"; with the recipe on the process
+    count it is sized for, they resolve to the hand-computed numbers."""
+    world_size, expected = RECIPE_BATCHES[recipe.name]
+    for ds_path in DS_CONFIGS:
+        ds = load_ds_config(str(ds_path))
+        assert {ds[key] for key in BATCH_FIELDS} == {"auto"}, ds_path.name
+        cfg = parse_args(
+            ["--config", str(recipe), "--output_dir", "unused", "--ds_config", str(ds_path)]
+        )
+        resolved = resolve_batch_sizes(ds, cfg, world_size, str(ds_path))
+        assert {key: resolved[key] for key in BATCH_FIELDS} == expected, ds_path.name
+        # Everything else in the ds config is left as it was.
+        assert {k: v for k, v in resolved.items() if k not in BATCH_FIELDS} == {
+            k: v for k, v in ds.items() if k not in BATCH_FIELDS
+        }
+
+
+def run_config(micro: int, accumulation: int):
+    return parse_args(["--output_dir", "x", "--ds_config", "d", "--per_device_train_batch_size",
+                       str(micro), "--gradient_accumulation_steps", str(accumulation)])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "micro", "accumulation", "world_size", "expected"),
+    [
+        # every field given, and they agree: 4 x 2 x 4 = 32
+        ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+          "train_batch_size": 32}, 4, 2, 4, (4, 2, 32)),
+        # the global batch given, the rest "auto": 3 x 4 x 2 = 24
+        ({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "train_batch_size": 24}, 3, 4, 2, (3, 4, 24)),
+        # the micro batch given, the rest missing (missing means "auto"): 8 x 1 x 3 = 24
+        ({"train_micro_batch_size_per_gpu": 8}, 8, 1, 3, (8, 1, 24)),
+        # nothing given: 2 x 16 x 1 = 32
+        ({}, 2, 16, 1, (2, 16, 32)),
+    ],
+)  # fmt: skip
+def test_explicit_batch_fields_that_agree(fields, micro, accumulation, world_size, expected):
+    resolved = resolve_batch_sizes(fields, run_config(micro, accumulation), world_size, "ds.json")
+    assert tuple(resolved[key] for key in BATCH_FIELDS) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"train_batch_size": 16},
+         "train_batch_size = 16 but the run has train_batch_size = 24 (micro batch 4 x "
+         "accumulation 3 x 2 processes = 24)"),
+        ({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 24},
+         "train_micro_batch_size_per_gpu = 8 but the run has train_micro_batch_size_per_gpu = 4"),
+        ({"gradient_accumulation_steps": 6, "train_batch_size": "auto"},
+         "gradient_accumulation_steps = 6 but the run has gradient_accumulation_steps = 3"),
+        # a product that agrees does not excuse a field that does not
+        ({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 6,
+          "train_batch_size": 24},
+         "train_micro_batch_size_per_gpu = 2 but the run has train_micro_batch_size_per_gpu = 4"),
+    ],
+)  # fmt: skip
+def test_conflicting_batch_fields_are_one_error_naming_the_field(fields, message):
+    with pytest.raises(InputError) as raised:
+        resolve_batch_sizes(fields, run_config(4, 3), 2, "ds.json")
+    assert str(raised.value).startswith(f"ds config ds.json: {message}")
+    assert str(raised.value).endswith('set it to "auto" or make them agree')
 
 
 @pytest.mark.parametrize(

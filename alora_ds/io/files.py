@@ -38,6 +38,18 @@ def _open_permissions(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def open_permissions_under(directory: str | Path) -> None:
+    """Give `directory` and everything in it the umask's permissions. Writers that go through a
+    temporary file make private ones: safetensors' save_file writes 0600 whatever the umask, so
+    adapters, checkpoints and saved models would be unreadable to teammates on a shared file
+    system."""
+    directory = Path(directory)
+    _open_permissions(directory, directory=True)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            _open_permissions(path, directory=path.is_dir())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file in the same directory, fsync, then rename over `path`."""
     path = Path(path)
@@ -154,7 +166,7 @@ def atomic_output_dir(out_dir: str | Path, *, marker: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}{TEMPORARY}"))
     try:
         yield tmp
-        _open_permissions(tmp, directory=True)
+        open_permissions_under(tmp)
         for file in tmp.rglob("*"):
             if file.is_file():
                 fsync_path(file)

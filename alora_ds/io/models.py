@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from alora_ds.errors import InputError
+from alora_ds.io.hub import check_hub_reachable
 from alora_ds.io.tasks import build_tiny_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {
@@ -74,6 +75,7 @@ def _check_model_path(model_name_or_path: str) -> None:
     local = Path(model_name_or_path)
     if not local.exists() and (model_name_or_path.startswith((".", "/")) or local.suffix):
         raise InputError(f"model directory {model_name_or_path} does not exist")
+    check_hub_reachable(model_name_or_path)  # a hub id: say at once when the hub is out of reach
 
 
 def _load_error(model_name_or_path: str, exc: Exception) -> InputError:
@@ -249,6 +251,7 @@ def load_tokenizer(source: str | None, trust_remote_code: bool = False):
     None: the embedded tiny tokenizer, trained from the shipped samples."""
     if source is None:
         return build_tiny_tokenizer()
+    check_hub_reachable(source, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -28,7 +28,7 @@ RESUME_MAY_DIFFER = frozenset(
         "dist_timeout", "logging_steps", "save_steps", "save_total_limit", "progress_bar",
         "report_to", "per_device_train_batch_size", "gradient_accumulation_steps",
         "skip_nonfinite", "scoring", "scoring_max_rows", "scoring_batch_size",
-        "screen_candidates", "screen_verify",
+        "screen_candidates", "screen_verify", "screen_exact_means",
     }
 )  # fmt: skip
 

@@ -20,6 +20,7 @@ from alora_ds.scoring.screened import ScreenedScores, spearman
 class ALoRA(Method):
     name = "alora"
     allocates = True
+    scores_by_ablation = True
 
     def round_scores(self, inputs: RoundInputs) -> RoundScores:
         settings = self.settings
@@ -48,6 +49,7 @@ class ALoRA(Method):
                 candidates=settings.screen_candidates,
                 max_rows=settings.scoring_max_rows,
                 progress=progress,
+                exact_means=settings.screen_exact_means,
             )
         extra = screened.to_round_fields()
         if settings.screen_verify:

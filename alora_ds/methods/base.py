@@ -64,6 +64,7 @@ class Adapters(Protocol):
         candidates: int = 0,
         max_rows: int = 0,
         progress: Progress | None = None,
+        exact_means: bool = True,
     ) -> ScreenedScores: ...
 
 
@@ -82,6 +83,7 @@ class MethodSettings:
     scoring_max_rows: int = 0
     screen_candidates: int = 0  # screened: ranks scored exactly first (0: 4 x n_A)
     screen_verify: bool = False  # screened: also score every rank exactly and compare
+    screen_exact_means: bool = True  # screened: footnote 4's module means exact where they decide
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class Method:
     start_factor: ClassVar[int] = 1
     # Whether it runs Algorithm 1's rounds: scores -> prune and add -> rebuild.
     allocates: ClassVar[bool] = False
+    # Whether its round scores are AB-LoRA ablations (--scoring decides how they are run).
+    scores_by_ablation: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings) -> None:
         self.settings = settings

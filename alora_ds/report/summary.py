@@ -1,9 +1,12 @@
 """What a finished run reports: where the ranks went, and what the run cost.
 
-Two pure functions over plain data (no model, no config, no process group):
+Pure functions over plain data (no model, no config, no process group):
 
 - `plot_rank_heatmap`: a PNG of the final rank of every adapted module, module type x layer, like
-  the paper's Figure 3 (arXiv 2403.16187).
+  the paper's Figure 3 (arXiv 2403.16187); a run draws every one of its maps on one colour scale
+  (`rank_scale`), so the same colour is the same rank in every round's picture.
+- `plot_loss_curves`: a PNG of the training loss and the dev loss against the optimizer step, the
+  allocation rounds marked.
 - `summarize_run`: the paper's Table 4 columns (final ranks per module type, adapter parameters at
   start and end, peak memory per process, wall time, tokens per second) as a dict and as text.
 """
@@ -59,25 +62,38 @@ def rank_matrix(rank_map: Mapping[str, int]) -> tuple[list[str], list[int], np.n
     return types, layers, ranks
 
 
+def rank_scale(*rank_maps: Mapping[str, int]) -> int:
+    """The top of a colour scale that every one of `rank_maps` fits: their largest rank (>= 1)."""
+    return max([1, *(r for ranks in rank_maps for r in ranks.values())])
+
+
 def plot_rank_heatmap(
-    rank_map: Mapping[str, int], path: str | Path, *, title: str = "Final LoRA ranks"
+    rank_map: Mapping[str, int],
+    path: str | Path,
+    *,
+    title: str = "Final LoRA ranks",
+    vmax: int | None = None,
 ) -> Path:
     """Write a heatmap PNG of `rank_map` (module name -> rank): module types down, layers across,
-    each cell labelled with its rank when the grid is small enough to read. Returns the path."""
+    each cell labelled with its rank when the grid is small enough to read. Colours run from 0
+    to `vmax` (default: this map's largest rank; pass `rank_scale` of every map a run draws, so
+    that they compare). Returns the path."""
     types, layers, ranks = rank_matrix(rank_map)
+    top = max(int(ranks.max()), 1) if vmax is None else vmax
     masked = np.ma.masked_less(ranks, 0)  # modules that are not adapted stay blank
     width = min(2.0 + 0.42 * len(layers), 40.0)
     fig = Figure(figsize=(width, 1.2 + 0.45 * len(types)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+    image = ax.imshow(
+        masked, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=top
+    )
     ax.set_yticks(range(len(types)), labels=types)
     step = max(1, len(layers) // 40)
     ax.set_xticks(range(0, len(layers), step), labels=[str(layer) for layer in layers[::step]])
     ax.set_xlabel("layer")
     ax.set_title(title)
     if len(layers) * len(types) <= 600:
-        top = max(int(ranks.max()), 1)
         for i in range(len(types)):
             for j in range(len(layers)):
                 if ranks[i, j] >= 0:
@@ -85,6 +101,36 @@ def plot_rank_heatmap(
                     ax.text(j, i, str(ranks[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if dark else "black")  # fmt: skip
     fig.colorbar(image, ax=ax, label="rank")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_loss_curves(
+    records: Sequence[Mapping], path: str | Path, *, round_steps: Sequence[int] = ()
+) -> Path:
+    """Write a PNG of the training loss and the dev loss against the optimizer step, from
+    metrics records (`step`, `loss`, `dev_loss`; later records of a step replace earlier ones,
+    as after a resume), with a dashed line at each allocation round. Returns the path."""
+    by_step = {int(r["step"]): r for r in records if "step" in r}
+    steps = sorted(by_step)
+    train = [(s, by_step[s]["loss"]) for s in steps if by_step[s].get("loss") is not None]
+    dev = [(s, by_step[s]["dev_loss"]) for s in steps if by_step[s].get("dev_loss") is not None]
+    fig = Figure(figsize=(7.0, 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss", color="tab:blue", lw=1)
+    if dev:
+        ax.plot(*zip(*dev, strict=True), "o-", label="dev loss", color="tab:orange", ms=3)
+    for index, step in enumerate(round_steps):
+        label = "allocation round" if index == 0 else None
+        ax.axvline(step, color="grey", ls="--", lw=0.8, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (cross-entropy)")
+    if train or dev or round_steps:
+        ax.legend()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -5,7 +5,8 @@
   process; only the main process writes anything.
 - `TrainProgress`, `ScoringProgress`: tqdm bars on stderr, on the main process only: optimizer
   steps with loss, lr, tokens/s and tqdm's ETA; the candidates of a scoring round. Lines printed
-  while a bar is shown go through `print_line`, which clears the bars, prints, and redraws them.
+  while a bar is shown go through `print_line`, which clears the bars, prints, and redraws them;
+  after `log_to_file(path)` it also appends every line to that file (output_dir/train.log).
 - `quiet_library_noise`: DeepSpeed's and transformers' loggers quieter off the main process, and
   the few harmless deprecation warnings every run prints, filtered by message, category and module.
 
@@ -30,6 +31,7 @@ from alora_ds.errors import InputError
 SINKS: tuple[str, ...] = ("tensorboard", "wandb", "none")
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
 
 
 def check_report_to(report_to: Sequence[str]) -> None:
@@ -159,12 +161,35 @@ class MetricsSink:
 # ---- progress bars ------------------------------------------------------------------------------
 
 
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of output_dir/metrics.jsonl, in order (none when there is no file yet)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# Where print_line also appends its lines (the process's run log), or None. One per process:
+# the trainer's main process sets it once its output directory exists.
+_log_file: Path | None = None
+
+
+def log_to_file(path: str | Path | None) -> None:
+    """From now on, also append every print_line line to `path` (None: stop). Lines are
+    appended, so a resumed run's log follows the interrupted one's."""
+    global _log_file
+    _log_file = None if path is None else Path(path)
+
+
 def print_line(message: str) -> None:
     """Print a log line to stdout without breaking a progress bar: tqdm clears every bar shown
     on stdout or stderr, prints, then redraws them. Use it for every line printed while a bar may
-    be open; with no bar it is a plain print."""
+    be open; with no bar it is a plain print. The line also goes to the log_to_file file."""
     tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()
+    if _log_file is not None:
+        with _log_file.open("a", encoding="utf-8") as handle:  # each line on disk as it comes
+            handle.write(message + "\n")
 
 
 class TrainProgress:

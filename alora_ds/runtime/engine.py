@@ -177,6 +177,7 @@ class Engine:
         max_rows: int = 0,
         progress: Progress | None = None,
         stats: ScoringStats | None = None,
+        exact_means: bool = True,
     ) -> ScreenedScores:
         """Screened AB-LoRA (alora_ds.scoring.screened): every rank estimated from the gates'
         gradients (B_val's chunks shared out over the processes, the sums all-reduced), exact
@@ -199,6 +200,7 @@ class Engine:
             start_of_pass=self._start_of_pass(),
             progress=progress,
             stats=stats,
+            exact_means=exact_means,
         )
 
     def _gather(self, local: torch.Tensor) -> list[torch.Tensor]:

@@ -103,6 +103,8 @@ def _join_failure(exc: BaseException, backend: str) -> str:
     the address a process listens on, or MASTER_ADDR, being one the other nodes cannot reach."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     first = re.sub(r"\[(enforce fail at )?\S+:\d+\] ", "", first)  # "[/gloo/.../pair.cc:152] "
+    if "EADDRINUSE" in str(exc):
+        return _port_taken()
     variable = "GLOO_SOCKET_IFNAME" if backend == "gloo" else "NCCL_SOCKET_IFNAME"
     interface = os.environ.get(variable)
     what = (
@@ -130,6 +132,19 @@ def _join_failure(exc: BaseException, backend: str) -> str:
     return (
         f"could not start the process group of {os.environ.get('WORLD_SIZE')} process(es) "
         f"(rendezvous at {where}): {first}; {hint}"
+    )
+
+
+def _port_taken() -> str:
+    """Process 0 could not listen on MASTER_PORT for the rendezvous: another program (often an
+    earlier run still going, or one that has not released its port) holds it."""
+    port, address = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+    return (
+        f"port {port} is already in use on this machine (another program, often another "
+        f"training run, listens on it), so process 0 could not open the rendezvous at "
+        f"{address}:{port}; choose a free port: --master_port N with the deepspeed launcher or "
+        f"torchrun, MASTER_PORT=N otherwise (srun and launch/slurm/train.sbatch take it from the "
+        f"environment too)"
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from deepspeed.utils import (
@@ -32,6 +33,7 @@ from torch import nn
 
 from alora_ds.core.layer import GATE_PARAM_NAMES, GatedLoRALinear
 from alora_ds.core.surgery import ADAM_STATE_KEYS, AdapterState
+from alora_ds.errors import InputError
 
 # ---- configuration ---------------------------------------------------------------------------
 
@@ -47,6 +49,21 @@ def model_dtype(ds_config: Mapping[str, Any]) -> torch.dtype:
     if ds_config.get("fp16", {}).get("enabled") is True:
         return torch.float16
     return torch.float32
+
+
+def check_dtype_supported(ds_config: Mapping[str, Any], ds_path: str) -> None:
+    """Refuse, before anything starts, a bf16 / fp16 ds config that DeepSpeed's accelerator here
+    cannot train in: DeepSpeed itself finds out only inside initialize, with a traceback (fp16
+    on CPU: "Type fp16 is not supported on your device")."""
+    dtype = model_dtype(ds_config)
+    accelerator = get_accelerator()
+    if dtype not in accelerator.supported_dtypes():
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        raise InputError(
+            f"ds config {ds_path}: {name} is not supported by DeepSpeed's "
+            f"{accelerator.device_name()} accelerator on this machine; use a ds config in fp32"
+            + (" or bf16 (ds_configs/zero3_bf16.json)" if name == "fp16" else "")
+        )
 
 
 @contextlib.contextmanager

@@ -21,6 +21,8 @@ passes a `gather` function for the collective (alora_ds.runtime).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,8 +93,8 @@ class LlamaStack:
             config=self.inner.config,
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],
-            past_key_values=None,
             position_ids=position_ids,
+            **{_cache_argument(create_causal_mask): None},  # no cache: every position is new
         )
         # cos / sin of shape (1, T, d): they broadcast over any number of rows.
         rotary = self.inner.rotary_emb(embeds, position_ids=position_ids)
@@ -125,6 +127,14 @@ class LlamaStack:
         return torch.zeros(h.shape[0], dtype=torch.float64, device=h.device).index_add_(
             0, rows, losses.double()
         )
+
+
+@functools.cache
+def _cache_argument(create_causal_mask: Callable) -> str:
+    """The name create_causal_mask gives its cache argument: `cache` from transformers 5.24,
+    where `past_key_values` is deprecated (removed in 5.40), `past_key_values` before."""
+    parameters = inspect.signature(create_causal_mask).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def even_blocks(count: int, largest: int) -> list[tuple[int, int]]:
@@ -386,7 +396,11 @@ def naive_layer_passes(num_candidates: int, num_layers: int, num_chunks: int) ->
 
 def default_max_rows(batches: Sequence[Batch]) -> int:
     """A cap that keeps a block's activations near those of a few training micro-batches."""
-    longest = max(int(b["input_ids"].shape[1]) for b in batches)
+    return max_rows_for_length(max(int(b["input_ids"].shape[1]) for b in batches))
+
+
+def max_rows_for_length(longest: int) -> int:
+    """default_max_rows for batches whose longest row has `longest` tokens."""
     return max(8, 16_384 // max(longest, 1))
 
 
@@ -398,6 +412,7 @@ __all__ = [
     "even_blocks",
     "fast_ablation_scores",
     "fast_candidate_scores",
+    "max_rows_for_length",
     "naive_layer_passes",
     "share_layout",
 ]

@@ -17,14 +17,16 @@ has to be known to lie on the right side of those cuts. So:
    every example's gradient, which the Fisher term needs.
 2. Score exactly (the fast path) the `candidates` ranks with the lowest estimates.
 3. Widen until the cut is proven: with tau the highest exact score among the n pruned and
-   `over` the most any exactly scored rank's estimate exceeded its exact score, a rank still
-   estimated at e can only fall below the cut if e - over <= tau; while one can, the exact set
+   `error` the largest difference between any exactly scored rank's estimate and its exact
+   score (either way: a rank whose error was one way may have the other), a rank still
+   estimated at e can only fall below the cut if e - error <= tau; while one can, the exact set
    doubles (the next lowest estimates).
-4. Where the remainder of the new ranks goes by module means, modules whose mean could fall on
-   either side of the cut (within the largest estimate error seen) are scored exactly.
+4. Where the remainder of the new ranks goes by module means, the receivers that decide that
+   cut are scored exactly, then every module whose estimated mean could fall on either side of
+   it (within the largest error of an estimated module mean seen so far).
 
 The plan made from the mixed scores is then the exact plan whenever no estimate is off by more
-than the largest error seen among the ranks checked. Plain torch: the caller passes the
+than the largest error seen among the ranks (and module means) checked. Plain torch: the caller passes the
 collectives (`all_reduce`, `gather`), so every process computes the same estimates and sets.
 """
 
@@ -218,11 +220,13 @@ def screened_scores(
     start_of_pass: Callable[[], None] | None = None,
     progress: Progress | None = None,
     stats: ScoringStats | None = None,
+    exact_means: bool = True,
 ) -> ScreenedScores:
     """Screened AB-LoRA scores for a round that prunes `n_prune` ranks and shares `n_add`
     (default n_prune) among the modules that lost none; `candidates` ranks (default 4 x
-    n_prune) are scored exactly first, more as the rules above require. Every process must call
-    it with the same batches and ends with the same scores and sets."""
+    n_prune) are scored exactly first, more as the rules above require. `exact_means=False`
+    leaves the receivers' means (which place the remainder of the new ranks) estimated. Every
+    process must call it with the same batches and ends with the same scores and sets."""
     n_add = n_prune if n_add is None else n_add
     modules = gated_modules(model)
     live = all_candidates(modules)
@@ -250,18 +254,16 @@ def screened_scores(
             calls += 1
         # IS(r) = S(M) - S(M \ r) + S(M_r) where scored exactly, else the estimate.
         value = {c: s_m - exact[c][0] + exact[c][1] if c in exact else estimate[c] for c in live}
-        errors = [estimate[c] - value[c] for c in exact]
-        over = max([0.0, *errors])
-        largest = max([0.0, *(abs(e) for e in errors)])
+        largest = max([0.0, *(abs(estimate[c] - value[c]) for c in exact)])
         pruned = select_pruned(_to_modules(value, estimates), n_prune) if n_prune else []
         need = [c for c in pruned if c not in exact]  # never: the lowest estimates are exact
         cut = max((value[c] for c in pruned), default=-math.inf)
         waiting = [c for c in order if c not in exact]
-        if not need and waiting and estimate[waiting[0]] - over <= cut:
+        if not need and waiting and estimate[waiting[0]] - largest <= cut:
             widenings += 1
             need = waiting[: max(len(exact), 1)]  # double the exact set
-        if not need:
-            undecided = _undecided_modules(value, estimates, exact, pruned, n_add, largest)
+        if not need and exact_means:
+            undecided = _undecided_modules(value, estimate, estimates, exact, pruned, n_add)
             mean_checks += undecided
             need = [(n, i) for n in undecided for i in range(len(estimates[n]))]
         if not need:
@@ -279,6 +281,7 @@ def screened_scores(
         "exact_ranks": len(exact),
         "live_ranks": len(live),
         "exact_passes": calls,
+        "exact_means": exact_means,
         "modules_scored_for_means": mean_checks,
         "largest_error": largest,
         "spearman": spearman([estimate[c] for c in checked], [value[c] for c in checked]),
@@ -288,28 +291,39 @@ def screened_scores(
 
 def _undecided_modules(
     value: Mapping[Candidate, float],
+    estimate: Mapping[Candidate, float],
     template: Mapping[str, list],
     exact: Mapping[Candidate, object],
     pruned: Sequence[Candidate],
     n_add: int,
-    error: float,
 ) -> list[str]:
     """Receivers whose mean importance could fall on either side of the remainder's cut
     (footnote 4: the remainder of the new ranks goes to the receivers with the highest means)
-    and that still hold estimated ranks."""
+    and that still hold estimated ranks.
+
+    How far an estimated mean may be off is calibrated on the receivers already scored exactly:
+    the largest difference between their estimated and exact means. First-order estimates are
+    worst for the most important modules, which sit at this cut, so until some of the receivers
+    that decide the cut (the top remainder + 1 by mean) are exact, those are scored first."""
     lost = {name for name, _ in pruned}
     receivers = sorted(n for n, v in template.items() if v and n not in lost)
-    if not receivers:
-        return []
-    remainder = n_add % len(receivers)
+    remainder = n_add % len(receivers) if receivers else 0
     if remainder == 0:
         return []
-    means = {n: math.fsum(value[(n, i)] for i in range(len(template[n]))) / len(template[n])
-             for n in receivers}  # fmt: skip
+
+    def mean(source: Mapping[Candidate, float], name: str) -> float:
+        return math.fsum(source[(name, i)] for i in range(len(template[name]))) / len(
+            template[name]
+        )
+
+    def is_exact(name: str) -> bool:
+        return all((name, i) in exact for i in range(len(template[name])))
+
+    means = {n: mean(value, n) for n in receivers}
     ranked = sorted(receivers, key=lambda n: (-means[n], n))
+    deciding = ranked[: remainder + 1]
+    if not any(is_exact(n) for n in deciding):
+        return [n for n in deciding if not is_exact(n)]
+    error = max(abs(mean(estimate, n) - means[n]) for n in receivers if is_exact(n))
     cut = (means[ranked[remainder - 1]] + means[ranked[remainder]]) / 2
-    return [
-        n for n in receivers
-        if abs(means[n] - cut) <= error
-        and not all((n, i) in exact for i in range(len(template[n])))
-    ]  # fmt: skip
+    return [n for n in receivers if not is_exact(n) and abs(means[n] - cut) <= error]

@@ -90,7 +90,10 @@ def test_merged_checkpoint_matches_peft(workspace, tmp_path, capsys):
     out = tmp_path / "merged"
     code, stdout, err = run_main(merge_args(workspace, out), capsys)
     assert code == 0, err
-    assert re.search(r"merged \d+ ranks in 13 modules .*tokenizer files: .*tokenizer.json", stdout)
+    # It says where it wrote (not the base's directory, which it leaves as it was).
+    assert stdout.startswith(f"wrote the merged checkpoint to {out.resolve()}: "), stdout
+    assert re.search(r"\d+ ranks in 13 modules, .*tokenizer files: .*tokenizer.json", stdout)
+    assert "the base model was not changed" in stdout
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     expected = peft_logits(workspace)
     assert not torch.allclose(expected, logits(load_causal_lm(str(workspace / "base")), IDS))

@@ -190,7 +190,6 @@ def test_bad_input(tiny_setup, tmp_path, capsys) -> None:
     cases = [
         (another_base, r"adapter: module model\.layers\.\d\.\w+\.\w+ expects a \(\d+ x \d+\) weight but the adapter is \(\d+ x \d+\) \(is the adapter for another model\?\)"),
         (argv("mnli"), r"unknown task 'mnli'; known tasks: alpaca, boolq"),
-        (argv("alpaca"), r"task alpaca has no automatic metric here .*eval\.mt_bench"),
         (argv("sst2", no_label), r"nolabel\.jsonl row 1: missing field 'label' required by task sst2"),
         (argv("sst2", str(sample_path("squad", "test"))), r"row 1: missing field 'sentence' required by task sst2"),
         (argv("sst2", str(tmp_path / "missing.jsonl")), r"data file .*missing\.jsonl does not exist"),

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -21,7 +17,7 @@ from alora_ds.io.models import build_random_llama, load_base_model, tiny_llama_c
 from alora_ds.io.peft_write import adapter_tensors_from_model
 from alora_ds.scoring.direct import ab_lora_scores
 from alora_ds.scoring.fast import fast_ablation_scores
-from tests.helpers import DEEPSPEED, REPO, free_port, random_examples
+from tests.helpers import assert_every_process_said, load_4bit, random_examples
 
 BUDGET = 28  # 14 modules x r_init 2
 
@@ -39,16 +35,12 @@ def checkpoint(tmp_path_factory):
 
 
 def load(path, load_in_4bit: bool, dtype=torch.float32):
-    model, random_init = load_base_model(
-        str(path) if path is not None else None,
-        None,
-        dtype=dtype,
-        attn_implementation="sdpa",
-        seed=0,
-        loading_context=contextlib.nullcontext(),
-        load_in_4bit=load_in_4bit,
-    )
-    return model, random_init
+    if load_in_4bit:
+        return load_4bit(path, dtype)
+    return load_base_model(
+        str(path), None, dtype=dtype, attn_implementation="sdpa", seed=0,
+        loading_context=contextlib.nullcontext(), load_in_4bit=False,
+    )  # fmt: skip
 
 
 def with_random_b(model, seed: int = 5):
@@ -170,29 +162,8 @@ def test_4bit_needs_bitsandbytes(checkpoint, monkeypatch):
         load(checkpoint, load_in_4bit=True)
 
 
-def test_zero3_on_two_processes_takes_a_4bit_base(checkpoint, bnb, tmp_path):
-    """ZeRO-3 partitions the packed nf4 weights; the losses and scores equal one process's, and a
-    round (fast scoring, rebuild, training, export) runs (asserted inside the script)."""
-    shutil.copytree(checkpoint, tmp_path / "base")
-    model, _ = load(checkpoint, load_in_4bit=True)
-    modules = inject_gated_lora(model, BUDGET, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the script's B values
-        for module in modules.values():
-            module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.1)
-    batches = make_batches(random_examples(8, seed=3), 4)
-    with torch.no_grad():
-        loss = float(model(**batches[0]).loss)
-    scores = fast_ablation_scores(model, batches)
-    (tmp_path / "ref.json").write_text(
-        json.dumps({"loss": loss, "S_without": scores.S_without, "S_only": scores.S_only})
-    )
-    result = subprocess.run(
-        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-         str(REPO / "tests" / "scripts" / "qlora_zero3_check.py"),
-         str(REPO / "ds_configs" / "zero3.json"), str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "rank 0: qlora zero3 ok" in result.stdout and "rank 1: qlora zero3 ok" in result.stdout
+def test_zero3_on_two_processes_takes_a_4bit_base(engine_checks):
+    """ZeRO-3 partitions the packed nf4 weights; the loss and scores equal one process's, and a
+    round (fast scoring, rebuild, training, export) runs (asserted in
+    tests/scripts/engine_checks.py, check `qlora`, against the reference written here)."""
+    assert_every_process_said(engine_checks, "qlora zero3 ok")

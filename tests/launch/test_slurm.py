@@ -13,7 +13,7 @@ the .venv and every output directory are on a file system every node shares.
   node1 reaches both over ssh, after launch/hostfile_check.py has said the hostfile is good.
 
 Needs root (namespaces, a bridge), iproute2 and util-linux, and Slurm, pdsh and sshd from Debian
-(scripts/install_slurm.sh); without them these tests skip and say why. Every process started
+(scripts/install_slurm.sh); without them these tests skip and say why (under CI=true they fail). Every process started
 here is stopped, and every namespace and link removed, by the fixtures, whatever the outcome.
 """
 
@@ -39,7 +39,7 @@ import pytest
 from alora_ds.errors import run_cli
 from launch import hostfile_check
 from tests.golden.record import outputs, run_args
-from tests.helpers import DEEPSPEED, REPO, free_port
+from tests.helpers import DEEPSPEED, REPO, free_port, unavailable
 
 PARTITION = "cpu"
 NODES = ("node1", "node2", "node3")
@@ -142,7 +142,7 @@ def free_subnet() -> str:
         prefix = f"10.77.{(os.getpid() + k) % 250 + 1}"
         if f" {prefix}." not in used:
             return prefix
-    pytest.skip("no free 10.77.X.0/24 subnet for the test's nodes")
+    unavailable("no free 10.77.X.0/24 subnet for the test's nodes")
 
 
 def remove_netns(netns: str) -> None:
@@ -158,9 +158,9 @@ def remove_netns(netns: str) -> None:
 def nodes() -> Iterator[Nodes]:
     missing = [t for t in ("ip", "unshare", "nsenter") if not shutil.which(t)]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (iproute2, util-linux)")
+        unavailable(f"{', '.join(missing)} not installed (iproute2, util-linux)")
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+        unavailable("network namespaces need root")
     tag = f"al{os.getpid() % 100000}"  # names unique to this test process (15 characters at most)
     subnet = free_subnet()
     with contextlib.ExitStack() as undo:
@@ -170,7 +170,7 @@ def nodes() -> Iterator[Nodes]:
         try:
             ip("link", "add", bridge, "type", "bridge")
         except subprocess.CalledProcessError as exc:
-            pytest.skip(f"cannot create a bridge: {exc.stderr.strip()}")
+            unavailable(f"cannot create a bridge: {exc.stderr.strip()}")
         undo.callback(ip, "link", "del", bridge, check=False)
         ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
         ip("link", "set", bridge, "up")
@@ -209,20 +209,22 @@ class Cluster:
             list(command), env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def sbatch_command(self, job: list[str], *args: str, output: Path) -> list[str]:
-        """`sbatch --wait` of the training template: `job` overrides its #SBATCH lines, `args`
-        go to launch/train.py."""
+    def sbatch_command(
+        self, job: list[str], *args: str, output: Path, template: str = "train.sbatch"
+    ) -> list[str]:
+        """`sbatch --wait` of a template (the training one unless said): `job` overrides its
+        #SBATCH lines, `args` go to the template (train.sbatch: to launch/train.py)."""
         return ["sbatch", "--wait", *job, "--output", str(output),
-                str(REPO / "launch/slurm/train.sbatch"), *args]  # fmt: skip
+                str(REPO / "launch/slurm" / template), *args]  # fmt: skip
 
     def sbatch(
         self, job: list[str], *args: str, output: Path, env: dict | None = None,
-        timeout: float = 400,
+        timeout: float = 400, template: str = "train.sbatch",
     ) -> subprocess.CompletedProcess:  # fmt: skip
         """Submit from the repository root, as the template asks, and wait for the job's end."""
         return subprocess.run(
-            self.sbatch_command(job, *args, output=output), env=env or self.env, cwd=REPO,
-            capture_output=True, text=True, timeout=timeout,
+            self.sbatch_command(job, *args, output=output, template=template),
+            env=env or self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
     def watch(
@@ -306,7 +308,7 @@ def slurm(nodes):
         if not shutil.which(t)
     ]
     if missing:
-        pytest.skip(
+        unavailable(
             f"Slurm is not installed ({', '.join(missing)} not on PATH); "
             "`bash scripts/install_slurm.sh` installs Debian's slurm-wlm"
         )
@@ -506,9 +508,52 @@ def test_a_job_with_more_tasks_than_the_batch_allows_fails_in_one_line_per_task(
         f"error: ds config {fixed_batch}: train_batch_size = 4 but the run has train_batch_size = 8 "
         '(micro batch 4 x accumulation 1 x 2 processes = 8); set it to "auto" or make them agree'
     )
-    assert task_lines(log, "error: ") == {0: [message], 1: [message]}, log[-3000:]
+    # Process 0 says it once; every task exits with the input-error status.
+    assert task_lines(log, "error: ") == {0: [message]}, log[-3000:]
+    # srun: "tasks 0-1: Exited with exit code 2", or one line per task
+    exits = re.findall(r"srun: error: node1: tasks? ([\d,-]+): Exited with exit code (\d+)", log)
+    assert sorted(exits) in ([("0", "2"), ("1", "2")], [("0-1", "2")]), log[-3000:]
     assert "Traceback" not in log
     assert not output_dir.exists()
+
+
+def test_eval_sbatch_scores_each_task_and_fails_the_job_for_the_one_that_failed(
+    slurm, golden_run, tmp_path
+):
+    """launch/slurm/eval.sbatch as the README submits it (TASKS=..., base, adapter, data
+    directory, output directory, eval.score options), on a CPU node with NPROC=2: the tasks one
+    after another, each data parallel over two processes. A task without a test file is skipped
+    with a warning; a task that fails fails the job once every task has had its turn."""
+    run_dir, result = golden_run("alora-2p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data, output_dir, log_file = tmp_path / "data", tmp_path / "eval", tmp_path / "job.out"
+    (data / "sst2").mkdir(parents=True)
+    test_rows = (REPO / "alora_ds/data/samples/sst2/test.jsonl").read_text()
+    (data / "sst2" / "test.jsonl").write_text(test_rows)
+    (data / "e2e").mkdir()
+    (data / "e2e" / "test.jsonl").write_text('{"meaning_representation": \n')  # not JSON
+    job = ["--partition", PARTITION, "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task",
+           "2", "--time", "10"]  # fmt: skip
+    env = {**slurm.env, "TASKS": "sst2 rte e2e", "NPROC": "2"}
+    result = slurm.sbatch(
+        job, str(run_dir / "base_model"), str(run_dir / "adapter"), str(data), str(output_dir),
+        "--decoding", "greedy", output=log_file, env=env, template="eval.sbatch", timeout=300,
+    )  # fmt: skip
+    log = log_file.read_text() if log_file.exists() else ""
+    assert result.returncode != 0, log[-3000:]  # e2e failed
+    assert re.search(r"^job \d+: 2 process\(es\) per task on node1; tasks: sst2 rte e2e$", log,
+                     re.M), log[-3000:]  # fmt: skip
+    assert f"warning: {data}/rte/test.jsonl does not exist; skipping rte" in log
+    assert "e2e/test.jsonl row 1: not valid JSON" in log, log[-3000:]
+    assert log.rstrip().endswith("error: scoring failed for: e2e"), log[-3000:]
+    # sst2 was scored by both processes: every test row once, and its metrics.
+    predictions = [json.loads(line) for line in (output_dir / "sst2" / "predictions.jsonl")
+                   .read_text().splitlines()]  # fmt: skip
+    assert len(predictions) == len(test_rows.splitlines())
+    assert len({p["id"] for p in predictions}) == len(predictions)
+    metrics = json.loads((output_dir / "sst2" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 100
+    assert not (output_dir / "rte").exists() and not (output_dir / "e2e" / "metrics.json").exists()
 
 
 # ---- DeepSpeed hostfile launch through pdsh and ssh --------------------------------------------
@@ -526,7 +571,7 @@ def sshd(nodes):
     missing = [t for t in ("pdsh", "ssh", "ssh-keygen") if not shutil.which(t)]
     sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
     if missing or sshd is None:
-        pytest.skip(
+        unavailable(
             f"{', '.join(missing + ([] if sshd else ['sshd']))} not installed; "
             "`bash scripts/install_slurm.sh` installs pdsh and openssh-server"
         )

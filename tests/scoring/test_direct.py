@@ -1,19 +1,23 @@
-"""AB-LoRA scores against a brute-force reference and pinned numbers."""
+"""AB-LoRA scores against brute-force references: our own layer's gates, and peft's LoRA layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 from alora_ds.core.inject import inject_gated_lora
 from alora_ds.io.examples import collate, make_batches
+from alora_ds.io.models import build_random_llama, tiny_llama_config
 from alora_ds.scoring.direct import (
     ab_lora_scores,
     ablation_scores,
     all_candidates,
     validation_score,
 )
-from tests.helpers import random_examples
+from tests.helpers import TARGETS, random_examples
 
 
 def adapted(model, budget=28, seed=123):
@@ -57,19 +61,57 @@ def test_scores_equal_brute_force_reference(tiny_model):
             assert scores.importance[name][r] == pytest.approx(s_m - without + only, rel=1e-6)
 
 
-def test_pinned_numbers(tiny_model):
-    adapted(tiny_model)
-    scores = ab_lora_scores(tiny_model, make_batches(random_examples(6), 4))
-    assert scores.S_M == pytest.approx(-4.867872686947093, rel=1e-5)
-    assert scores.S_base == pytest.approx(-4.850547678330365, rel=1e-5)
-    imp = scores.importance
-    assert imp["model.layers.0.self_attn.q_proj"] == pytest.approx(
-        [-4.857454187729779, -4.827822404749253], rel=1e-5
-    )
-    assert imp["model.layers.1.mlp.down_proj"] == pytest.approx(
-        [-4.875031976138844, -4.860401265761431], rel=1e-5
-    )
-    assert len(imp) == 14 and all(len(v) == 2 for v in imp.values())
+def peft_twin(modules, seed: int = 0):
+    """The same base (same seed) with peft's own LoRA layers holding our A and B (gates 1):
+    s = lora_alpha / r_init = 16 / 2 on both sides. Nothing of ours computes its forward."""
+    base = build_random_llama(tiny_llama_config(), seed=seed)
+    twin = get_peft_model(base, LoraConfig(r=2, lora_alpha=16, target_modules=TARGETS))
+    layers = {
+        name.removeprefix("base_model.model."): module
+        for name, module in twin.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    assert layers.keys() == modules.keys()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A["default"].weight.copy_(modules[name].lora_A)
+            layer.lora_B["default"].weight.copy_(modules[name].lora_B)
+    return twin.eval(), layers
+
+
+def test_scores_equal_ablations_of_a_peft_model(tiny_model):
+    """S(M), S_base, S(M \\ r) and S(M_r) against peft's LoRA with rank r's row of A zeroed
+    (or every other rank's): an independent computation of every number the scorer returns."""
+    modules = adapted(tiny_model)
+    examples = random_examples(6)
+    scores = ab_lora_scores(tiny_model, make_batches(examples, 4))
+    twin, layers = peft_twin(modules)
+    full = collate(examples)  # one batch: HF's mean is then the per-token mean over all rows
+    saved = {name: layer.lora_A["default"].weight.clone() for name, layer in layers.items()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A["default"].weight.copy_(saved[name])
+
+    assert scores.S_M == pytest.approx(hf_score(twin, full), rel=1e-5)
+    with twin.disable_adapter():
+        assert scores.S_base == pytest.approx(hf_score(twin, full), rel=1e-5)
+    for name, layer in layers.items():
+        for r in range(2):
+            with torch.no_grad():
+                layer.lora_A["default"].weight[r] = 0  # rank r contributes nothing
+            without = hf_score(twin, full)
+            with torch.no_grad():
+                for other in layers.values():
+                    other.lora_A["default"].weight.zero_()
+                layer.lora_A["default"].weight[r] = saved[name][r]  # rank r alone
+            only = hf_score(twin, full)
+            restore()
+            assert scores.S_without[name][r] == pytest.approx(without, rel=1e-5), (name, r)
+            assert scores.S_only[name][r] == pytest.approx(only, rel=1e-5), (name, r)
+    # Every rank moved the score: the comparisons above could have failed.
+    assert all(abs(w - scores.S_M) > 1e-5 for values in scores.S_without.values() for w in values)
 
 
 def test_micro_batching_does_not_change_the_score(tiny_model):
@@ -101,12 +143,25 @@ def test_gates_restored_after_an_exception(tiny_model):
 
 
 def test_scores_in_bf16_are_computed_in_fp32(tiny_model):
+    """A bf16 model's forwards run in bf16 and its loss is summed in fp32: S equals the fp32
+    cross-entropy of the bf16 logits, computed here, and neither the cross-entropy taken in bf16
+    nor the fp32 model's score."""
     adapted(tiny_model)
+    examples = random_examples(4)
+    full = collate(examples)
+    fp32_score = hf_score(tiny_model, full)
     tiny_model.to(torch.bfloat16)
-    scores = ab_lora_scores(tiny_model, make_batches(random_examples(4), 4))
-    assert isinstance(scores.S_M, float)
-    # bf16 forwards, fp32 loss: close to the fp32 figure, not identical.
-    assert scores.S_M == pytest.approx(-4.87, abs=0.1)
+    scores = ab_lora_scores(tiny_model, make_batches(examples, 4))
+    with torch.no_grad():
+        logits = tiny_model(input_ids=full["input_ids"], attention_mask=full["attention_mask"])
+    logits = logits.logits[:, :-1]  # (B, T-1, V), bf16
+    assert logits.dtype == torch.bfloat16
+    logits, targets = logits.reshape(-1, logits.shape[-1]), full["labels"][:, 1:].reshape(-1)
+    in_fp32 = -float(F.cross_entropy(logits.float(), targets, ignore_index=-100))
+    in_bf16 = -float(F.cross_entropy(logits, targets, ignore_index=-100))
+    assert scores.S_M == pytest.approx(in_fp32, rel=1e-6)
+    assert abs(scores.S_M - in_bf16) > 1e-3  # what a bf16 loss would have given
+    assert abs(scores.S_M - fp32_score) > 1e-5  # the forwards did run in bf16
     assert all(len(v) == 2 for v in scores.importance.values())
 
 
