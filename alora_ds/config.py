@@ -108,12 +108,13 @@ class TrainConfig:
     scoring_max_rows: int = 0
     """Rows (candidates x examples) per scoring forward; 0 picks a cap from the sequence length."""
     screen_candidates: int = 0
-    """screened: ranks with the lowest estimates scored exactly first (0: 4 x n_A); more are
+    """screened: ranks with the lowest estimates scored exactly first (0: n_A); more are
     scored, automatically, until the cut is proven."""
-    screen_exact_means: bool = True
-    """screened: score exactly the modules whose mean importance decides where the remainder of
-    the new ranks goes (footnote 4); false leaves those means estimated (cheaper; the pruned
-    ranks stay exact)."""
+    screen_exact_means: bool = False
+    """screened: also score exactly the modules whose mean importance decides where the
+    remainder of the new ranks goes (footnote 4), so that the added ranks are the exact plan's
+    too; false (the default) leaves those means estimated: the pruned ranks stay exact, and a
+    round costs a few times less (the most important modules are scored for their means)."""
     screen_verify: bool = False
     """screened: also score every rank exactly and record in the round file whether the plans
     agree (costs a full fast round; for measuring the estimator)."""

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--screen_candidates", type=int, default=0,
-        help="screened: ranks scored exactly first (0: 4 x n_A)",
+        help="screened: ranks scored exactly first (0: n_A)",
     )  # fmt: skip
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     parser.add_argument(

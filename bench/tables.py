@@ -179,6 +179,57 @@ def scoring() -> str:
     return "\n".join(lines)
 
 
+PAPER_ROUNDS = 8  # N_A: the projections below count the paper's 8 rounds
+TASK_NAMES = {"rte": "RTE", "boolq": "BoolQ", "e2e": "E2E", "sst2": "SST-2"}
+
+
+def overhead() -> str:
+    """bench/overhead.py's cost part: one round's cost each way, and ALoRA / LoRA wall time for
+    the paper's schedule at each task's training-set size (rounds plus rebuilds over 10 epochs)."""
+    found = load("overhead-smollm2-cpu.json")
+    step, rebuild = found["train_step_s"], found["rebuild_s"]
+    live = found["live_ranks"]
+    rows = [(f"screened, {key}", v["round_s"], v["exact_ranks"])
+            for key, v in found["screened_by_first_candidates"].items()]  # fmt: skip
+    rows += [("fast (exact, the default)", found["fast_round_s"], live),
+             ("naive (exact)", found["naive_round_s"], live)]  # fmt: skip
+    tasks = list(found["steps_per_run"])
+    lines = [
+        "| scoring | round s | in training steps | exact ranks | "
+        + " | ".join(f"ALoRA / LoRA, {TASK_NAMES.get(t, t)}" for t in tasks)
+        + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " |",
+    ]
+    for label, seconds, exact in rows:
+        ratios = [1 + PAPER_ROUNDS * (seconds + rebuild) / (found["steps_per_run"][t] * step)
+                  for t in tasks]  # fmt: skip
+        lines.append(
+            f"| {label} | {seconds:,.0f} | {seconds / step:,.1f} | {exact:,} of {live:,} | "
+            + " | ".join(f"{r:.3f}" for r in ratios)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def agreement() -> str:
+    """bench/overhead.py --agreement: screened rounds checked against exact scoring."""
+    found = load("agreement-cpu.json")
+    lines = [
+        "| runs | rounds | pruned set identical | added ranks identical | "
+        "Spearman, all ranks (median) | ranks scored exactly (median) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for source, part in found["by_source"].items():
+        rounds = part["rounds"]
+        pruned = sum(r["identical_pruned"] for r in rounds)
+        added = sum(r["identical_added"] for r in rounds)
+        lines.append(
+            f"| {source} | {len(rounds)} | {pruned} of {len(rounds)} | {added} of {len(rounds)} | "
+            f"{part['median_spearman_all']:.3f} | {100 * part['median_exact_share']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
 # Every rendered table: name -> (the document it appears in, its results files, the renderer).
 TABLES: dict[str, tuple[str, str, Callable[[], str]]] = {
     "planted attention-late": (
@@ -194,6 +245,8 @@ TABLES: dict[str, tuple[str, str, Callable[[], str]]] = {
     "llama.cpp": ("BENCHMARKS.md", "llama-cpp-lora.json", llama_cpp),
     "rotten tomatoes cpu": ("BENCHMARKS.md", "real-cpu.json", lambda: real("real-cpu.json")),
     "scoring": ("README.md", "scoring-cpu-2core.json", scoring),
+    "overhead": ("BENCHMARKS.md", "overhead-smollm2-cpu.json", overhead),
+    "agreement": ("BENCHMARKS.md", "agreement-cpu.json", agreement),
 }
 
 

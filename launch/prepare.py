@@ -61,6 +61,7 @@ from alora_ds.runtime.slurm import slurm_environment
 from alora_ds.runtime.zero import zero_stage
 from alora_ds.scoring.cost import ModuleSite, RoundCost, describe, round_cost, site_of
 from alora_ds.scoring.fast import LlamaStack, max_rows_for_length
+from alora_ds.scoring.screened import first_candidates
 from launch.faults import Faults
 from launch.state import ScoringForecast
 
@@ -290,7 +291,7 @@ def scoring_costs(
     settings = dict(
         num_layers=len(layers), chunk_rows=chunk_rows, world_size=world_size,
         max_rows=cfg.scoring_max_rows or max_rows_for_length(longest),
-        exact_ranks=max(cfg.screen_candidates or 4 * n_prune, n_prune, 1),
+        exact_ranks=first_candidates(cfg.screen_candidates, n_prune),
     )  # fmt: skip
     return round_cost(cfg.scoring, sites, **settings), round_cost("naive", sites, **settings)
 

@@ -64,7 +64,7 @@ class Adapters(Protocol):
         candidates: int = 0,
         max_rows: int = 0,
         progress: Progress | None = None,
-        exact_means: bool = True,
+        exact_means: bool = False,
     ) -> ScreenedScores: ...
 
 
@@ -81,9 +81,9 @@ class MethodSettings:
     scoring: str = "fast"  # naive, fast or screened
     scoring_batch_size: int = 8
     scoring_max_rows: int = 0
-    screen_candidates: int = 0  # screened: ranks scored exactly first (0: 4 x n_A)
+    screen_candidates: int = 0  # screened: ranks scored exactly first (0: n_A)
     screen_verify: bool = False  # screened: also score every rank exactly and compare
-    screen_exact_means: bool = True  # screened: footnote 4's module means exact where they decide
+    screen_exact_means: bool = False  # screened: footnote 4's module means exact where they decide
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ class Engine:
         max_rows: int = 0,
         progress: Progress | None = None,
         stats: ScoringStats | None = None,
-        exact_means: bool = True,
+        exact_means: bool = False,
     ) -> ScreenedScores:
         """Screened AB-LoRA (alora_ds.scoring.screened): every rank estimated from the gates'
         gradients (B_val's chunks shared out over the processes, the sums all-reduced), exact

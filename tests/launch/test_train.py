@@ -61,9 +61,13 @@ def check_run(
     assert [r["round"] for r in records] == list(range(1, rounds + 1))
     config = json.loads((output_dir / "config.json").read_text())
     capped = config["cap_parameters"]  # the paper's rule (footnote 4) unless capped
+    screened_keys = set()  # what a screened round adds to its file
+    if config["scoring"] == "screened":
+        verify = {"verify"} if config["screen_verify"] else set()
+        screened_keys = {"exact", "estimates", "screening"} | verify
     previous = None
     for record in records:
-        assert set(record) == ROUND_KEYS
+        assert set(record) == ROUND_KEYS | screened_keys
         # The round obeys the allocation rules against its own scores.
         costs = {name: RANK_COSTS[name.rsplit(".", 1)[-1]] for name in record["scores"]}
         budget = PARAM_BUDGET if capped else None
@@ -138,13 +142,25 @@ def test_zero3_two_processes(golden_run, tmp_path):
     assert "4 x accumulation 1 x 2 processes = 8 examples per optimizer step" in result.stdout
 
 
-def test_zero2_two_processes_with_gradient_checkpointing_and_a_skipped_step(tmp_path):
+def test_zero2_two_processes_screened_with_gradient_checkpointing_and_a_skipped_step(tmp_path):
     # Process 1's loss at step 4 is NaN: with --skip_nonfinite both processes skip that step.
+    # Rounds scored by --scoring screened, each checked against the exact scores (--screen_verify).
     result = run_train(
-        tmp_path / "run", "--gradient_checkpointing", "--skip_nonfinite", ds="zero2",
-        env={"ALORA_DS_TEST_FAULT": "nan@step:4@1"},
+        tmp_path / "run", "--gradient_checkpointing", "--skip_nonfinite", "--scoring", "screened",
+        "--screen_verify", "true", ds="zero2", env={"ALORA_DS_TEST_FAULT": "nan@step:4@1"},
     )  # fmt: skip
     check_run(tmp_path / "run", result)  # recomputed activations: the same rules all hold
+    for record in read_rounds(tmp_path / "run"):
+        screening, verify = record["screening"], record["verify"]
+        flags = [f for values in record["exact"].values() for f in values]
+        assert screening["exact_ranks"] == sum(flags) >= len(record["pruned"])
+        assert screening["live_ranks"] == len(flags)
+        assert screening["estimator"] == "first-order" and screening["exact_means"] is False
+        assert verify["identical_pruned"], verify
+        # The pruned ranks are exactly scored ones, and their scores the exact ones.
+        for name, index in record["pruned"]:
+            assert record["exact"][name][index]
+    assert "pruned set identical to exact: True" in result.stdout
     assert "ZeRO stage 2" in result.stdout
     assert "gradient checkpointing: True" in result.stdout
     assert "step 4: non-finite loss, step skipped (1 so far)" in result.stdout

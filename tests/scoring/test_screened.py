@@ -58,7 +58,7 @@ def test_screened_prunes_what_exact_prunes_and_marks_what_it_scored(trained):
     flags = [f for values in screened.exact.values() for f in values]
     record = screened.record
     assert record["exact_ranks"] == sum(flags) and record["live_ranks"] == len(flags) == 56
-    assert 28 <= sum(flags) < 56  # the 4 x n_A candidates at least, not every rank
+    assert 7 <= sum(flags) < 56  # the n_A candidates at least, not every rank
     for name, values in exact.importance.items():
         for index, value in enumerate(values):
             if screened.exact[name][index]:
@@ -66,6 +66,23 @@ def test_screened_prunes_what_exact_prunes_and_marks_what_it_scored(trained):
             else:
                 assert screened.importance[name][index] == screened.estimates[name][index]
     assert record["spearman"] > 0.95 and record["largest_error"] >= 0
+
+
+def test_exact_means_make_the_added_ranks_the_exact_plans_too(trained):
+    """--screen_exact_means: the receivers whose means decide where the remainder of the new
+    ranks goes are scored exactly, and the whole plan (pruned and added) is the exact one. The
+    modules scored for their means do not widen the prune cut: their first-order errors are the
+    largest and say nothing about the ranks near it."""
+    model, batches = trained
+    exact = plan_round(fast_ablation_scores(model, batches).importance, 7)
+    cheap = screened_scores(model, batches, 7)
+    means = screened_scores(model, batches, 7, exact_means=True)
+    assert plan_round(means.importance, 7) == exact
+    checked = means.record["modules_scored_for_means"]
+    assert checked and cheap.record["modules_scored_for_means"] == []
+    assert all(means.exact[name] == [True] * len(means.exact[name]) for name in checked)
+    assert means.record["widenings"] == cheap.record["widenings"]
+    assert means.record["largest_error"] == cheap.record["largest_error"]
 
 
 def test_a_misjudged_cut_is_widened_until_the_exact_plan_is_recovered():
