@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
@@ -62,6 +61,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 from alora_ds.core.inject import LLAMA_TARGET_MODULES, find_target_modules, initial_rank  # noqa: E402
 from alora_ds.errors import ArgumentParser, InputError, run_cli  # noqa: E402
 from alora_ds.io.files import atomic_write_json  # noqa: E402
+from alora_ds.scoring.screened import spearman  # noqa: E402
 
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -142,41 +142,6 @@ def planted_ranks(
             owner[name] = key
             ranks[name] = rank
     return ranks
-
-
-# ---- Spearman's rank correlation ------------------------------------------------------------
-
-
-def average_ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks of `values`, ties sharing the mean of the ranks they span."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for k in range(start, end + 1):
-            ranks[order[k]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rho (Pearson correlation of average ranks). None when either side is constant
-    (the correlation is undefined) or has fewer than 2 values."""
-    if len(x) != len(y):
-        raise ValueError(f"spearman needs equal lengths, got {len(x)} and {len(y)}")
-    if len(x) < 2:
-        return None
-    rx, ry = average_ranks(x), average_ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    sxx = math.fsum((a - mx) ** 2 for a in rx)
-    syy = math.fsum((b - my) ** 2 for b in ry)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
 
 
 # ---- base, teacher and data --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from alora_ds.errors import InputError, run_cli
+from alora_ds.scoring.screened import average_ranks
 from tests.helpers import REPO
 
 _spec = importlib.util.spec_from_file_location("bench_planted", REPO / "bench" / "planted.py")
@@ -33,8 +34,8 @@ def write_pattern(tmp_path: Path, text: str) -> Path:
 
 
 def test_average_ranks_share_ties():
-    assert planted.average_ranks([10, 20, 20, 30]) == [1.0, 2.5, 2.5, 4.0]
-    assert planted.average_ranks([3, 1, 3, 3]) == [3.0, 1.0, 3.0, 3.0]
+    assert average_ranks([10, 20, 20, 30]) == [1.0, 2.5, 2.5, 4.0]
+    assert average_ranks([3, 1, 3, 3]) == [3.0, 1.0, 3.0, 3.0]
 
 
 def test_spearman_pinned_values():
