@@ -33,7 +33,7 @@ from alora_ds.io.splits import PRETOKENIZED, build_split, check_task
 from alora_ds.scoring import SCORING_MODES
 from alora_ds.scoring.direct import ab_lora_scores
 from alora_ds.scoring.fast import LlamaStack, fast_ablation_scores
-from alora_ds.scoring.screened import ScreenedScores, screened_scores
+from alora_ds.scoring.screened import screened_scores
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scoring == "screened":
         n_prune = resolve_prune_count(args.prune_per_round, ranks)
         screened = screened_scores(model, batches, n_prune, candidates=args.screen_candidates)
-        output, s_m = screened_json(screened), screened.S_M
+        output, s_m = screened.to_json(), screened.S_M
         how = f"{screened.record['exact_ranks']} of them exactly"
     else:
         score = fast_ablation_scores if args.scoring == "fast" else ab_lora_scores
@@ -147,23 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({how}) in {elapsed:.1f}s; S(M) = {s_m:.6f}; wrote {args.output}"
     )
     return 0
-
-
-def screened_json(screened: ScreenedScores) -> dict:
-    """The output format, with S_without / S_only known only where a rank was scored exactly."""
-    return {
-        "S_M": screened.S_M,
-        "S_base": screened.S_base,
-        "screening": screened.record,
-        "modules": {
-            name: {
-                "importance": screened.importance[name],
-                "exact": screened.exact[name],
-                "estimate": screened.estimates[name],
-            }
-            for name in screened.importance
-        },
-    }
 
 
 if __name__ == "__main__":

@@ -209,6 +209,24 @@ class ScreenedScores:
     exact: dict[str, list[bool]]
     record: dict = field(default_factory=dict)  # what the round file says about the screening
 
+    def to_json(self) -> dict:
+        """`python -m alora_ds.score`'s output: RankScores.to_json's layout, with S_without /
+        S_only (known only where a rank was scored exactly) replaced by the exact flags and the
+        estimates."""
+        return {
+            "S_M": self.S_M,
+            "S_base": self.S_base,
+            "screening": self.record,
+            "modules": {
+                name: {
+                    "importance": self.importance[name],
+                    "exact": self.exact[name],
+                    "estimate": self.estimates[name],
+                }
+                for name in self.importance
+            },
+        }
+
     def to_round_fields(self) -> dict:
         return {"exact": self.exact, "estimates": self.estimates, "screening": self.record}
 
